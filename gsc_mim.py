@@ -1,0 +1,913 @@
+"""GSC-MIM: self-distilled complementary masked image modelling for remote-sensing scenes.
+
+Reference implementation of "GSC-MIM: Global semantic integrated self-distilled complementary
+masked image model for remote sensing images scene classification" (paper 000 in shared/papers;
+SPEC section 1). No official code exists; where the paper is silent this follows iBOT, which the
+paper builds on. Read top to bottom: arguments -> model -> IPC-Masking -> losses -> teacher/EMA ->
+schedules -> training -> evaluation -> visualisation -> benchmark -> main.
+
+    python gsc_mim.py                                   # CPU demo: synthetic data, ViT-Tiny, 64 px
+    python gsc_mim.py --data UCM --data-root ../shared/data --arch vit_small --epochs 300
+    torchrun --standalone --nproc_per_node=8 gsc_mim.py --data AID --data-root /datasets --cache /tmp/c
+    python gsc_mim.py --data UCM --data-root ../shared/data --clean-prob 1   # plain iBOT ablation
+    python gsc_mim.py --eval-only runs/gsc_mim_UCM/checkpoint.pth --data UCM --data-root ../shared/data
+    python gsc_mim.py --export runs/gsc_mim_UCM/checkpoint.pth      # -> OUT/backbone.pth (timm names)
+    python gsc_mim.py --visualize runs/gsc_mim_UCM/checkpoint.pth --data UCM --data-root ../shared/data
+    python gsc_mim.py --bench 20 --arch vit_small --batch-size 128 --img-size 224 --data synthetic
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import data  # noqa: E402  (the repo's data.py: datasets, loaders, GPU batch augmentation)
+
+ARCHS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12),
+         "vit_large": (1024, 24, 16)}  # name -> (width, depth, heads)
+
+
+def str2bool(v):
+    return str(v).lower() in ("1", "true", "yes", "y")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("GSC-MIM", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None, help="AID | NWPU-RESISC45 | UCM | synthetic | folder-per-class "
+                   "path. Omitted: a small CPU demo on synthetic data (explicit flags still win)")
+    g.add_argument("--data-root", default="./datasets", help="folder holding the named datasets")
+    g.add_argument("--synthetic-images", type=int, default=None, help="size of the synthetic dataset (1000)")
+    g.add_argument("--img-size", type=int, default=None, help="global crop size (224; demo 64)")
+    g.add_argument("--load-size", type=int, default=None, help="decode size before cropping (img*8/7)")
+    g.add_argument("--cache", default=None, help="folder for a decoded uint8 memmap of the dataset")
+    g.add_argument("--workers", type=int, default=4, help="DataLoader workers per process")
+    g.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of failing")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default=None, choices=list(ARCHS), help="ViT size (vit_small; demo vit_tiny)")
+    g.add_argument("--patch-size", type=int, default=None, choices=[8, 16, 32], help="patch size (16; demo 16)")
+    g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth of the student only")
+    g.add_argument("--out-dim", type=int, default=None, help="head output dim K (8192; demo 1024)")
+    g.add_argument("--norm-last-layer", type=str2bool, default=None, help="fix the row norms of the "
+                   "weight-normed last head layer at 1 (default: false for vit_tiny/small, true larger)")
+    g.add_argument("--attn", default="sdpa", choices=["sdpa", "triton"], help="attention kernel")
+    g.add_argument("--compile", action="store_true", help="torch.compile the backbones")
+    g = p.add_argument_group("IPC-Masking (paper sec. 2.1)")
+    g.add_argument("--mask-shape", default="block", choices=["block", "rand"],
+                   help="block: BEiT/iBOT block-wise; rand: exactly round(r*N) random positions")
+    g.add_argument("--clean-prob", type=float, default=0.5, help="probability that both student views "
+                   "are unmasked (paper: ratio 0 with p 0.5). 1 = plain iBOT-style run, no IPC (ablation)")
+    g.add_argument("--mask-ratio", type=float, nargs=2, default=(0.1, 0.5),
+                   help="range of the ratio r of m (s1 masks r, s2 masks 1-r)")
+    g = p.add_argument_group("losses and temperatures (paper sec. 2.1-2.3)")
+    g.add_argument("--student-temp", type=float, default=0.1)
+    g.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="teacher temperature at epoch 0")
+    g.add_argument("--teacher-temp", type=float, default=0.07, help="teacher temperature after warm-up")
+    g.add_argument("--warmup-teacher-temp-epochs", type=int, default=None, help="linear warm-up (30; demo 2)")
+    g.add_argument("--center-momentum", type=float, default=0.9, help="EMA momentum of both centres")
+    g.add_argument("--lambda1", type=float, default=1.0, help="weight of the [CLS] (GSD) loss")
+    g.add_argument("--lambda2", type=float, default=1.0, help="weight of the patch (MIM) loss")
+    g = p.add_argument_group("multi-crop")
+    g.add_argument("--global-crops-scale", type=float, nargs=2, default=(0.25, 1.0))
+    g.add_argument("--local-crops", type=int, default=0, help="number of small crops ([CLS] loss only)")
+    g.add_argument("--local-crop-size", type=int, default=None, help="local crop size (96; demo 32)")
+    g.add_argument("--local-crops-scale", type=float, nargs=2, default=(0.05, 0.25))
+    g = p.add_argument_group("optimisation (paper sec. 3.1 (5))")
+    g.add_argument("--epochs", type=int, default=None, help="300 (demo 4)")
+    g.add_argument("--batch-size", type=int, default=None, help="per process (64; demo 32)")
+    g.add_argument("--blr", type=float, default=5e-4, help="lr = blr * total_batch / 256")
+    g.add_argument("--lr", type=float, default=None, help="absolute peak lr (overrides --blr)")
+    g.add_argument("--min-lr", type=float, default=1e-6, help="lr at the end of the cosine")
+    g.add_argument("--warmup-epochs", type=int, default=None, help="linear lr warm-up (10; demo 1)")
+    g.add_argument("--weight-decay", type=float, default=0.04, help="start of the wd cosine. The paper's "
+                   "'0.004' reads as a typo of iBOT's 0.04 -> 0.4 schedule, used here")
+    g.add_argument("--weight-decay-end", type=float, default=0.4, help="end of the wd cosine")
+    g.add_argument("--momentum-teacher", type=float, default=0.996, help="EMA momentum, cosine to 1")
+    g.add_argument("--clip-grad", type=float, default=3.0, help="per-parameter gradient-norm clip (0=off)")
+    g.add_argument("--freeze-last-layer", type=int, default=1, help="epochs with the last head layer frozen")
+    g.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"], help="autocast (bf16 on GPU)")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default=None, help="run folder (runs/gsc_mim_<data>)")
+    g.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for OUT/checkpoint.pth")
+    g.add_argument("--eval-only", default=None, metavar="CKPT", help="evaluate a checkpoint's teacher")
+    g.add_argument("--eval-feat", default="cls", choices=["cls", "cls+avg"], help="evaluation features")
+    g.add_argument("--export", default=None, metavar="CKPT", help="write OUT/backbone.pth (timm names)")
+    g.add_argument("--visualize", default=None, metavar="CKPT", help="write OUT/visualize.png")
+    g.add_argument("--bench", type=int, default=0, metavar="STEPS", help="benchmark STEPS steps and exit")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--log-every", type=int, default=20, help="steps between log lines (host syncs)")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many global steps")
+    g.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    return p
+
+
+def resolve_defaults(args):
+    """No --data: CPU demo settings; otherwise the paper's. Explicit flags (not None) always win."""
+    demo = args.data is None
+    d = dict(data="synthetic", arch="vit_tiny", img_size=64, patch_size=16, out_dim=1024, epochs=4,
+             batch_size=32, warmup_epochs=1, warmup_teacher_temp_epochs=2, synthetic_images=600,
+             local_crop_size=32) if demo else \
+        dict(arch="vit_small", img_size=224, patch_size=16, out_dim=8192, epochs=300, batch_size=64,
+             warmup_epochs=10, warmup_teacher_temp_epochs=30, synthetic_images=1000, local_crop_size=96)
+    for k, v in d.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.norm_last_layer is None:  # iBOT: free norms help small ViTs converge
+        args.norm_last_layer = args.arch not in ("vit_tiny", "vit_small")
+    if args.load_size is None:
+        args.load_size = round(args.img_size * 8 / 7)
+    if args.amp is None:
+        args.amp = "bf16" if torch.cuda.is_available() else "none"
+    if args.out is None:
+        args.out = f"runs/gsc_mim_{Path(str(args.data)).name}"
+    args.demo = demo
+    return args
+
+
+# ------------------------------------------------------------------------------------------------
+# Model: ViT backbone with timm's module names (so state_dict keys are timm's) + the iBOT head
+# ------------------------------------------------------------------------------------------------
+class DropPath(nn.Module):
+    """Stochastic depth per sample (student only; the teacher's drop_prob is set to 0)."""
+    def __init__(self, drop_prob=0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        if not self.training or self.drop_prob == 0.0:
+            return x
+        keep = 1.0 - self.drop_prob
+        return x * x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(keep).div_(keep)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, patch_size, patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # [B, N, D], row-major grid
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads, backend="sdpa"):
+        super().__init__()
+        self.heads, self.backend = heads, backend
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        if self.backend == "triton":
+            from kernels.attention import masked_attention  # lazy: optional Triton kernel
+            x = masked_attention(q, k, v)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, heads, drop_path, attn_backend):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads, attn_backend)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, 4 * dim)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x):
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class VisionTransformer(nn.Module):
+    """ViT encoder (paper sec. 2.3, Fig. 4). `mask` (bool [B, N]) replaces the patch embeddings at
+    masked positions by the learnable e[MASK] (sec. 2.1, eq. 1); all tokens go through the encoder."""
+    def __init__(self, arch="vit_small", patch_size=16, img_size=224, drop_path=0.0, attn="sdpa"):
+        super().__init__()
+        dim, depth, heads = ARCHS[arch]
+        self.patch_size, self.embed_dim = patch_size, dim
+        self.patch_embed = PatchEmbed(patch_size, dim)
+        n = (img_size // patch_size) ** 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + n, dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))  # e[MASK], initialised 0
+        dpr = np.linspace(0, drop_path, depth)  # stochastic depth grows with depth
+        self.blocks = nn.ModuleList([Block(dim, heads, float(r), attn) for r in dpr])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_weights)
+
+    def interpolate_pos_encoding(self, gh, gw):
+        """Learnable position embedding, bicubically resized for grids other than the trained one."""
+        pos = self.pos_embed
+        n = pos.shape[1] - 1
+        g0 = int(math.sqrt(n))
+        if gh * gw == n and gh == gw:
+            return pos
+        grid = pos[:, 1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid.float(), size=(gh, gw), mode="bicubic", align_corners=False)
+        return torch.cat([pos[:, :1], grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, gh * gw, -1)], 1)
+
+    def prepare_tokens(self, x, mask=None):
+        B, _, H, W = x.shape
+        x = self.patch_embed(x)
+        if mask is not None:  # sec. 2.1 eq. (1): x_i <- e[MASK] where m_i = 1
+            x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], 1)
+        return x + self.interpolate_pos_encoding(H // self.patch_size, W // self.patch_size)
+
+    def forward(self, x, mask=None):
+        x = self.prepare_tokens(x, mask)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x)  # [B, 1 + N, D]: [CLS] then patch tokens
+
+    @torch.no_grad()
+    def last_cls_attention(self, x):
+        """[B, heads, N] attention of [CLS] to the patches in the last block (for --visualize)."""
+        x = self.prepare_tokens(x)
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        a = self.blocks[-1].attn
+        B, N, C = x.shape
+        q, k, _ = a.qkv(self.blocks[-1].norm1(x)).reshape(B, N, 3, a.heads, C // a.heads).permute(2, 0, 3, 1, 4)
+        att = (q[:, :, :1] @ k.transpose(-2, -1) * (C // a.heads) ** -0.5).softmax(-1)
+        return att[:, :, 0, 1:]
+
+
+def _init_weights(m):
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+class WeightNormLinear(nn.Module):
+    """Linear(in, out, no bias) with weight = g * v / ||v|| per output row (Salimans & Kingma),
+    written out by hand so deepcopy, EMA and state_dict see two plain tensors on any torch."""
+    def __init__(self, in_dim, out_dim, fix_norm=True):
+        super().__init__()
+        self.weight_v = nn.Parameter(nn.init.trunc_normal_(torch.empty(out_dim, in_dim), std=0.02))
+        self.weight_g = nn.Parameter(torch.ones(out_dim), requires_grad=not fix_norm)
+
+    def forward(self, x):
+        w = self.weight_v * (self.weight_g / self.weight_v.norm(dim=1)).unsqueeze(1)
+        return F.linear(x, w.to(x.dtype))
+
+
+class IBOTHead(nn.Module):
+    """Projection head h shared by [CLS] and patch tokens (paper sec. 2.3): 3-layer MLP,
+    L2-normalised 256-d bottleneck, weight-normed Linear(256, K)."""
+    def __init__(self, in_dim, out_dim=8192, hidden=2048, bottleneck=256, norm_last_layer=True):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden),
+                                 nn.GELU(), nn.Linear(hidden, bottleneck))
+        self.mlp.apply(_init_weights)
+        self.last_layer = WeightNormLinear(bottleneck, out_dim, fix_norm=norm_last_layer)
+
+    def forward(self, x):
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+
+
+class GSCMIMNet(nn.Module):
+    """g = h o f (sec. 2.2). One call runs both global views (concatenated along the batch), the
+    optional local crops, and the head on the [CLS] tokens plus the patch tokens the loss uses."""
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, global_views, patch_index, mask=None, local_views=None):
+        tokens = self.backbone(global_views, mask)  # [2B, 1 + N, D]
+        cls = tokens[:, 0]
+        if local_views is not None:
+            cls = torch.cat([cls, self.backbone(local_views)[:, 0]])
+        patches = tokens[:, 1:].reshape(-1, tokens.shape[-1]).index_select(0, patch_index)
+        out = self.head(torch.cat([cls, patches]))
+        return out[:len(cls)], out[len(cls):]  # [CLS] logits [V*B, K], patch logits [M, K]
+
+
+def build_backbone(args, drop_path=0.0):
+    return VisionTransformer(args.arch, args.patch_size, args.img_size, drop_path, args.attn)
+
+
+def build_student_teacher(args):
+    student = GSCMIMNet(build_backbone(args, args.drop_path),
+                        IBOTHead(ARCHS[args.arch][0], args.out_dim, norm_last_layer=args.norm_last_layer))
+    teacher = copy.deepcopy(student)  # same initial weights (sec. 2.2)
+    teacher.backbone.mask_token = None  # the teacher never sees masks
+    for m in teacher.modules():
+        if isinstance(m, DropPath):
+            m.drop_prob = 0.0
+    teacher.requires_grad_(False).eval()
+    return student, teacher
+
+
+# ------------------------------------------------------------------------------------------------
+# IPC-Masking (paper sec. 2.1): complementary masks on the patch grid, generated on the CPU
+# (numpy, vectorised over the batch) so the GPU never waits for them
+# ------------------------------------------------------------------------------------------------
+def block_mask(ratios, grid_h, grid_w, rng=np.random, max_tries=10, aspect=(0.3, 1 / 0.3)):
+    """BEiT/iBOT block-wise masks, bool [B, grid_h*grid_w], target ratio[b] * N cells each.
+    Each image runs its own sequential process (vectorised across images, one attempt per loop):
+    draw a rectangle of area U[(grid/3)^2, remaining target], log-uniform aspect ratio, random
+    position; add its new cells if the total stays within the target; an image stops after
+    max_tries failed attempts in a row or when it reaches its target."""
+    B = len(ratios)
+    target = np.asarray(ratios, dtype=np.float64) * grid_h * grid_w
+    min_area = (min(grid_h, grid_w) // 3) ** 2
+    log_lo, log_hi = math.log(aspect[0]), math.log(aspect[1])
+    mask = np.zeros((B, grid_h, grid_w), dtype=bool)
+    count, tries = np.zeros(B), np.zeros(B, dtype=np.int64)
+    active = count < target
+    rows, cols = np.arange(grid_h)[None, :, None], np.arange(grid_w)[None, None, :]
+    while active.any():
+        remaining = target - count
+        area = min_area + (remaining - min_area) * rng.random_sample(B)  # = random.uniform(lo, hi)
+        ar = np.exp(log_lo + (log_hi - log_lo) * rng.random_sample(B))
+        h = np.rint(np.sqrt(area * ar)).astype(np.int64)
+        w = np.rint(np.sqrt(area / ar)).astype(np.int64)
+        top = np.floor(rng.random_sample(B) * (grid_h - h + 1)).astype(np.int64)
+        left = np.floor(rng.random_sample(B) * (grid_w - w + 1)).astype(np.int64)
+        rect = ((rows >= top[:, None, None]) & (rows < (top + h)[:, None, None])
+                & (cols >= left[:, None, None]) & (cols < (left + w)[:, None, None]))
+        new = (rect & ~mask).sum((1, 2))
+        ok = active & (h < grid_h) & (w < grid_w) & (new > 0) & (new <= remaining)
+        mask |= rect & ok[:, None, None]
+        count += np.where(ok, new, 0)
+        tries = np.where(ok, 0, tries + 1)
+        active &= (tries < max_tries) & (count < target)
+    return mask.reshape(B, -1)
+
+
+def random_mask(ratios, n, rng=np.random):
+    """Exactly round(r * N) uniformly random positions per image, bool [B, N]."""
+    k = np.rint(np.asarray(ratios) * n).astype(np.int64)
+    rank = rng.random_sample((len(k), n)).argsort(1).argsort(1)
+    return rank < k[:, None]
+
+
+def ipc_masks(batch, grid_h, grid_w, clean_prob=0.5, ratio_range=(0.1, 0.5), shape="block", rng=np.random):
+    """Information-preserved complementary masks (sec. 2.1, Fig. 3): one mask m per image; student
+    view s1 masks m and s2 masks 1 - m, so every grid position is visible in exactly one view.
+    With probability clean_prob both views are clean (sec. 3.1 (5): "ratio 0 with probability
+    0.5"); otherwise r ~ U[ratio_range] and the roles of s1/s2 are swapped at random.
+    Returns (m1, m2), bool numpy [B, N] (True = masked)."""
+    clean = rng.random_sample(batch) < clean_prob
+    ratio = np.where(clean, 0.0, rng.uniform(ratio_range[0], ratio_range[1], size=batch))
+    swap = rng.random_sample(batch) < 0.5
+    if shape == "block":
+        m = block_mask(ratio, grid_h, grid_w, rng)
+    else:
+        m = random_mask(ratio, grid_h * grid_w, rng)
+    m1 = np.where(swap[:, None], ~m, m)
+    m2 = ~m1
+    m1[clean], m2[clean] = False, False
+    return m1, m2
+
+
+def masked_token_index(masks):
+    """Flat indices (into [V*B*N]) of the masked positions, and each one's weight 1/#masked of its
+    view-image: the only patch tokens the loss needs, so the 8192-way head runs on them alone."""
+    flat = np.flatnonzero(masks)
+    weight = (1.0 / np.maximum(masks.sum(1), 1))[flat // masks.shape[1]]
+    return torch.from_numpy(flat), torch.from_numpy(weight.astype(np.float32))
+
+
+# ------------------------------------------------------------------------------------------------
+# Losses (paper sec. 2.1-2.3) and centring
+# ------------------------------------------------------------------------------------------------
+def soft_cross_entropy(teacher_logits, student_logits, centre, teacher_temp, student_temp):
+    """-softmax((t - c) / tau_t) . log_softmax(s / tau_s), per row (the H(P_t, P_s) of DINO/iBOT)."""
+    t = F.softmax((teacher_logits.float() - centre) / teacher_temp, dim=-1)
+    return -(t * F.log_softmax(student_logits.float() / student_temp, dim=-1)).sum(-1)
+
+
+def patch_mim_loss(student_patch, teacher_patch, token_weight, batch, centre, teacher_temp, student_temp):
+    """Complementary MIM loss (sec. 2.1, eq. 2, symmetrised): for each masked position i of student
+    view s_v, H(softmax((t_v,i - c_p)/tau_t), s_v,i); summed over the masked positions, divided by
+    max(1, #masked) per image (token_weight), mean over the batch, averaged over the 2 views.
+    Rows are the gathered masked positions of both views ([M, K])."""
+    ce = soft_cross_entropy(teacher_patch, student_patch, centre, teacher_temp, student_temp)
+    return (ce * token_weight).sum() / (2 * batch)
+
+
+def cls_distillation_loss(student_cls, teacher_cls, centre, teacher_temp, student_temp):
+    """Global semantic distillation (sec. 2.2, eq. 4): cross-view [CLS] cross-entropy, teacher t1
+    vs student s2 and t2 vs s1 (plus every local crop vs both), averaged over the pairs.
+    student_cls [(2 + L) * B, K] ordered s1, s2, locals; teacher_cls [2B, K] ordered t1, t2."""
+    s_views, t_views = student_cls.chunk(len(student_cls) // (len(teacher_cls) // 2)), teacher_cls.chunk(2)
+    total, pairs = 0.0, 0
+    for iq, t in enumerate(t_views):
+        for v, s in enumerate(s_views):
+            if v == iq:  # the same view: skip (cross-view only)
+                continue
+            total = total + soft_cross_entropy(t, s, centre, teacher_temp, student_temp).mean()
+            pairs += 1
+    return total / pairs
+
+
+@torch.no_grad()
+def update_centers(center_cls, center_patch, teacher_cls, teacher_patch, momentum=0.9):
+    """Centring (iBOT): c <- m c + (1 - m) mean(teacher outputs), separately for [CLS] (over both
+    global views) and patches (over the teacher patch tokens the loss used). Sums are all-reduced
+    across ranks; runs after the loss. No host sync (an empty patch set keeps the old centre)."""
+    stats = torch.cat([teacher_cls.float().sum(0), teacher_patch.float().sum(0),
+                       teacher_cls.new_tensor([len(teacher_cls), len(teacher_patch)], dtype=torch.float32)])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(stats)
+    K = center_cls.shape[-1]
+    cls_mean, patch_mean, n_cls, n_patch = stats[:K], stats[K:2 * K], stats[-2], stats[-1]
+    center_cls.mul_(momentum).add_(cls_mean / n_cls, alpha=1 - momentum)
+    new_patch = center_patch * momentum + patch_mean / n_patch.clamp(min=1) * (1 - momentum)
+    center_patch.copy_(torch.where(n_patch > 0, new_patch, center_patch))
+
+
+# ------------------------------------------------------------------------------------------------
+# Teacher (EMA, sec. 2.2) and schedules (precomputed arrays, DINO style)
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def ema_update(student, teacher, momentum):
+    """theta_t <- lambda theta_t + (1 - lambda) theta_s over the parameters they share (sec. 2.2, eq. 3)."""
+    s = dict(student.named_parameters())
+    names = [n for n, _ in teacher.named_parameters() if n in s]
+    t_params = [p for n, p in teacher.named_parameters() if n in s]
+    torch._foreach_mul_(t_params, momentum)
+    torch._foreach_add_(t_params, [s[n].detach() for n in names], alpha=1 - momentum)
+
+
+def cosine_schedule(base, final, epochs, niter_per_ep, warmup_epochs=0, start_warmup=0.0):
+    """Per-step values: linear warm-up from start_warmup, then a half cosine from base to final."""
+    warmup_iters = min(warmup_epochs, epochs) * niter_per_ep
+    warm = np.linspace(start_warmup, base, warmup_iters, endpoint=False) if warmup_iters else np.zeros(0)
+    iters = np.arange(epochs * niter_per_ep - warmup_iters)
+    cos = final + 0.5 * (base - final) * (1 + np.cos(np.pi * iters / max(1, len(iters))))
+    return np.concatenate([warm, cos])
+
+
+def teacher_temperature_schedule(warmup_temp, temp, warmup_epochs, epochs):
+    """Per-epoch teacher temperature: linear from warmup_temp to temp over warmup_epochs, then flat."""
+    return np.concatenate([np.linspace(warmup_temp, temp, warmup_epochs),
+                           np.full(max(0, epochs - warmup_epochs), temp)])[:max(epochs, 1)]
+
+
+def param_groups(model):
+    """Weight decay on weight matrices only (none on biases and 1-D parameters)."""
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if n.endswith(".bias") or p.ndim <= 1 else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def clip_gradients(model, clip):
+    """Per-parameter clipping (DINO): each gradient's norm at most `clip`, without a host sync."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if clip > 0 and grads:
+        norms = torch._foreach_norm(grads)
+        torch._foreach_mul_(grads, [torch.clamp(clip / (n + 1e-6), max=1.0) for n in norms])
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+def setup_distributed(args):
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    args.rank, args.world_size = int(os.environ.get("RANK", 0)), world
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    args.device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    seed = args.seed + args.rank  # per-rank seed
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_run(args, niter_per_ep):
+    """Models, optimiser, augmentations, schedules and method state in one namespace."""
+    dev = args.device
+    student, teacher = build_student_teacher(args)
+    student, teacher = student.to(dev), teacher.to(dev)
+    if args.compile:
+        student.backbone.compile()
+        teacher.backbone.compile()
+    model = student
+    if args.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(student, device_ids=[dev.index] if dev.type == "cuda" else None)
+    total_batch = args.batch_size * args.world_size
+    lr = args.lr if args.lr is not None else args.blr * total_batch / 256
+    opt = torch.optim.AdamW(param_groups(student), lr=lr, fused=dev.type == "cuda")
+    common = dict(hflip=0.5, vflip=0.5, rot90=1.0, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2)
+    return SimpleNamespace(
+        args=args, device=dev, student=student, model=model, teacher=teacher, optimizer=opt,
+        scaler=torch.amp.GradScaler("cuda", enabled=args.amp == "fp16"),
+        aug_t1=data.BatchAugment(args.img_size, scale=args.global_crops_scale, blur_p=1.0, **common),
+        aug_t2=data.BatchAugment(args.img_size, scale=args.global_crops_scale, blur_p=0.1, solarize_p=0.2, **common),
+        aug_local=data.BatchAugment(args.local_crop_size, scale=args.local_crops_scale, blur_p=0.5, **common),
+        lr_schedule=cosine_schedule(lr, args.min_lr, args.epochs, niter_per_ep, args.warmup_epochs),
+        wd_schedule=cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, niter_per_ep),
+        momentum_schedule=cosine_schedule(args.momentum_teacher, 1.0, args.epochs, niter_per_ep),
+        teacher_temp=teacher_temperature_schedule(args.warmup_teacher_temp, args.teacher_temp,
+                                                  args.warmup_teacher_temp_epochs, args.epochs),
+        center_cls=torch.zeros(1, args.out_dim, device=dev),
+        center_patch=torch.zeros(1, 1, args.out_dim, device=dev),
+        amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp))
+
+
+def train_step(run, images, it, epoch):
+    """One GSC-MIM step on a uint8 batch; returns detached loss tensors (no host sync)."""
+    args, dev, opt = run.args, run.device, run.optimizer
+    for i, g in enumerate(opt.param_groups):
+        g["lr"] = run.lr_schedule[it]
+        if i == 0:
+            g["weight_decay"] = run.wd_schedule[it]
+    images = images.to(dev, non_blocking=True)
+    B = images.shape[0]
+    t1, _ = run.aug_t1(images)
+    t2, _ = run.aug_t2(images)
+    local = torch.cat([run.aug_local(images)[0] for _ in range(args.local_crops)]) if args.local_crops else None
+    gh = args.img_size // args.patch_size
+    m1, m2 = ipc_masks(B, gh, gh, args.clean_prob, args.mask_ratio, args.mask_shape)
+    masks = np.concatenate([m1, m2])
+    index, weight = masked_token_index(masks)
+    pin = dev.type == "cuda"
+    masks_t = torch.from_numpy(masks)
+    masks_t, index, weight = [(t.pin_memory() if pin else t).to(dev, non_blocking=True) for t in (masks_t, index, weight)]
+    views = torch.cat([t1, t2])  # both global crops through the encoder in one call
+    tt = float(run.teacher_temp[min(epoch, len(run.teacher_temp) - 1)])
+    with torch.autocast(dev.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
+        with torch.no_grad():
+            t_cls, t_patch = run.teacher(views, index)  # teacher sees t1, t2 unmasked
+        s_cls, s_patch = run.model(views, index, mask=masks_t, local_views=local)
+        loss_cls = cls_distillation_loss(s_cls, t_cls, run.center_cls, tt, args.student_temp)
+        loss_mim = patch_mim_loss(s_patch, t_patch, weight, B, run.center_patch[0], tt, args.student_temp)
+        loss = args.lambda1 * loss_cls + args.lambda2 * loss_mim  # sec. 2.3, eq. (5)
+    opt.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.unscale_(opt)
+    clip_gradients(run.student, args.clip_grad)
+    if epoch < args.freeze_last_layer:  # last head layer frozen in the first epoch(s)
+        for p in run.student.head.last_layer.parameters():
+            p.grad = None
+    run.scaler.step(opt)
+    run.scaler.update()
+    ema_update(run.student, run.teacher, float(run.momentum_schedule[it]))
+    update_centers(run.center_cls, run.center_patch, t_cls, t_patch, args.center_momentum)
+    return {"loss": loss.detach(), "loss_cls": loss_cls.detach(), "loss_mim": loss_mim.detach()}
+
+
+def rng_state():
+    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_checkpoint(run, path, epoch, step_in_epoch, global_step, sums):
+    ckpt = {"student": run.student.state_dict(), "teacher": run.teacher.state_dict(),
+            "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+            "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+            "args": {k: v for k, v in vars(run.args).items() if k != "device"}, "rng": rng_state(),
+            "center_cls": run.center_cls, "center_patch": run.center_patch,
+            "epoch_sums": {k: v.cpu() for k, v in sums.items()}}
+    tmp = str(path) + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)  # never a torn checkpoint
+
+
+def reduce_mean(sums, n):
+    """All-reduce summed metrics across ranks; returns python floats (one host sync)."""
+    keys = sorted(sums)
+    t = torch.stack([sums[k].float() for k in keys] + [torch.tensor(float(n), device=sums[keys[0]].device)])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return {k: (t[i] / t[-1]).item() for i, k in enumerate(keys)}
+
+
+def train(args):
+    out = Path(args.out)
+    main_proc = args.rank == 0
+    if main_proc:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "args.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k != "device"},
+                                                  indent=2, default=str))
+        print("args: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
+    loader = data.build_loader(args.data, args.data_root, "train", size=args.load_size,
+                               batch_size=args.batch_size, shuffle=True, drop_last=True, seed=args.seed,
+                               workers=args.workers, cache=args.cache, synthetic_images=args.synthetic_images,
+                               skip_bad=args.skip_bad)
+    niter = len(loader)
+    run = build_run(args, niter)
+    start_epoch, start_step, pending_rng, sums0 = 0, 0, None, None
+    ckpt_path = out / "checkpoint.pth"
+    resume = str(ckpt_path) if args.resume == "auto" and ckpt_path.exists() else args.resume
+    if resume and resume != "auto":
+        ck = torch.load(resume, map_location=args.device, weights_only=False)
+        run.student.load_state_dict(ck["student"])
+        run.teacher.load_state_dict(ck["teacher"])
+        run.optimizer.load_state_dict(ck["optimizer"])
+        run.scaler.load_state_dict(ck["scaler"])
+        run.center_cls.copy_(ck["center_cls"])
+        run.center_patch.copy_(ck["center_patch"])
+        start_epoch, start_step, pending_rng = ck["epoch"], ck["step_in_epoch"], ck["rng"]
+        sums0 = {k: v.to(args.device) for k, v in ck["epoch_sums"].items()} if start_step else None
+        if main_proc:
+            print(f"resumed from {resume}: epoch {start_epoch} step {start_step}", flush=True)
+    global_step = start_epoch * niter + start_step
+    total_steps = args.epochs * niter if args.max_steps is None else min(args.max_steps, args.epochs * niter)
+    t_start = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        if global_step >= total_steps:
+            break
+        if pending_rng is not None and start_step == 0:  # epoch boundary: restore before the loader draws
+            set_rng_state(pending_rng)
+            pending_rng = None
+        loader.sampler.set_epoch(epoch) if hasattr(loader.sampler, "set_epoch") else None
+        sums = sums0 or {k: torch.zeros((), device=args.device) for k in ("loss", "loss_cls", "loss_mim")}
+        n_done = start_step if sums0 else 0
+        sums0, t_log, stopped = None, time.time(), False
+        for it, (images, _) in enumerate(loader):
+            if it < start_step:  # mid-epoch resume: skip the batches already trained on
+                continue
+            if pending_rng is not None:
+                set_rng_state(pending_rng)
+                pending_rng = None
+            losses = train_step(run, images, global_step, epoch)
+            for k in sums:
+                sums[k] += losses[k]
+            n_done, global_step = n_done + 1, global_step + 1
+            if global_step % args.log_every == 0 or it == niter - 1:
+                m = reduce_mean(losses, 1)
+                dt = time.time() - t_log
+                ips = args.batch_size * args.world_size * ((it + 1 - start_step) if dt else 1) / max(dt, 1e-9)
+                eta = (total_steps - global_step) * args.batch_size * args.world_size / max(ips, 1e-9)
+                if main_proc:
+                    print(f"epoch {epoch} step {it + 1}/{niter} loss {m['loss']:.4f} cls {m['loss_cls']:.4f} "
+                          f"mim {m['loss_mim']:.4f} lr {run.lr_schedule[global_step - 1]:.2e} "
+                          f"img/s {ips:.1f} eta {eta / 60:.1f} min", flush=True)
+            if global_step >= total_steps and it < niter - 1:
+                stopped = True
+                break
+        start_step = 0
+        if stopped:  # --max-steps inside an epoch: checkpoint the exact position
+            if main_proc:
+                save_checkpoint(run, ckpt_path, epoch, it + 1, global_step, sums)
+            break
+        stats = reduce_mean(sums, n_done)
+        stats.update(epoch=epoch, lr=float(run.lr_schedule[global_step - 1]),
+                     wd=float(run.wd_schedule[global_step - 1]), teacher_temp=float(run.teacher_temp[min(epoch, len(run.teacher_temp) - 1)]),
+                     momentum=float(run.momentum_schedule[global_step - 1]), time_s=time.time() - t_start)
+        if main_proc:
+            save_checkpoint(run, ckpt_path, epoch + 1, 0, global_step, sums)
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(stats) + "\n")
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    if main_proc and not args.no_eval:
+        evaluate(run.teacher.backbone, args)
+    return run
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation (SPEC section 0): frozen teacher backbone, linear@1%, linear@100%, 20-NN
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def extract_features(backbone, split, args):
+    loader = data.build_loader(args.data, args.data_root, split, size=args.img_size, batch_size=args.batch_size,
+                               shuffle=False, drop_last=False, seed=args.seed, workers=args.workers,
+                               cache=args.cache, synthetic_images=args.synthetic_images,
+                               skip_bad=args.skip_bad, distributed=False)
+    backbone.eval()
+    feats, labels = [], []
+    for images, y in loader:
+        x = data.normalize(images.to(args.device))
+        with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
+            tok = backbone(x).float()
+        f = tok[:, 0] if args.eval_feat == "cls" else torch.cat([tok[:, 0], tok[:, 1:].mean(1)], 1)
+        feats.append(f)
+        labels.append(y.to(args.device))
+    return F.normalize(torch.cat(feats), dim=1), torch.cat(labels), len(loader.dataset.classes)
+
+
+def linear_probe(x_train, y_train, x_test, y_test, n_classes, weight_decay=5e-4, steps=100):
+    """Linear classifier on L2-normalised frozen features: full-batch L-BFGS (strong Wolfe), zero
+    init, 100 iterations, L2 penalty 5e-4. Fixed hyper-parameters, no tuning on the test split."""
+    with torch.enable_grad():
+        W = torch.zeros(x_train.shape[1], n_classes, device=x_train.device, requires_grad=True)
+        b = torch.zeros(n_classes, device=x_train.device, requires_grad=True)
+        opt = torch.optim.LBFGS([W, b], lr=1, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(x_train @ W + b, y_train) + weight_decay * W.pow(2).sum()
+            loss.backward()
+            return loss
+        opt.step(closure)
+    return ((x_test @ W + b).argmax(1) == y_test).float().mean().item() * 100
+
+
+def knn_classifier(x_train, y_train, x_test, y_test, n_classes, k=20, T=0.07):
+    """Weighted k-NN (DINO): cosine similarity, votes exp(sim / T) over the k nearest."""
+    correct = 0
+    for i in range(0, len(x_test), 1024):
+        sim, idx = (x_test[i:i + 1024] @ x_train.T).topk(min(k, len(x_train)), dim=1)
+        votes = torch.zeros(len(sim), n_classes, device=sim.device)
+        votes.scatter_add_(1, y_train[idx], (sim / T).exp())
+        correct += (votes.argmax(1) == y_test[i:i + 1024]).sum().item()
+    return 100.0 * correct / len(x_test)
+
+
+def evaluate_backbone(backbone, args):
+    xtr, ytr, c = extract_features(backbone, "train", args)
+    x1, y1, _ = extract_features(backbone, "train1", args)
+    xte, yte, _ = extract_features(backbone, "test", args)
+    return {"linear@1%": linear_probe(x1, y1, xte, yte, c), "linear@100%": linear_probe(xtr, ytr, xte, yte, c),
+            "knn": knn_classifier(xtr, ytr, xte, yte, c)}
+
+
+def evaluate(backbone, args):
+    """Teacher vs randomly initialised backbone (the floor); prints a table, writes OUT/eval.json."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        random_net = build_backbone(args).to(args.device)
+    res = {"gsc_mim": evaluate_backbone(backbone, args), "random_init": evaluate_backbone(random_net, args)}
+    print(f"\n{'backbone':<12} {'linear@1%':>10} {'linear@100%':>12} {'knn':>8}   ({args.data}, {args.arch}/{args.patch_size})")
+    for name, r in res.items():
+        print(f"{name:<12} {r['linear@1%']:>10.2f} {r['linear@100%']:>12.2f} {r['knn']:>8.2f}")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "eval.json").write_text(json.dumps(res, indent=2))
+    return res
+
+
+def load_teacher_backbone(path, args):
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    for k in ("arch", "patch_size", "img_size", "out_dim"):  # the checkpoint defines the model
+        setattr(args, k, ck["args"][k])
+    backbone = build_backbone(args)
+    sd = {k[len("backbone."):]: v for k, v in ck["teacher"].items() if k.startswith("backbone.")}
+    missing = backbone.load_state_dict(sd, strict=False).missing_keys
+    assert missing == ["mask_token"], missing
+    return backbone.to(args.device)
+
+
+def export(args):
+    """OUT/backbone.pth: the teacher encoder under timm VisionTransformer key names."""
+    backbone = load_teacher_backbone(args.export, args)
+    sd = {k: v for k, v in backbone.state_dict().items() if k != "mask_token"}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    torch.save(sd, Path(args.out) / "backbone.pth")
+    print(f"wrote {Path(args.out) / 'backbone.pth'} ({len(sd)} tensors)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Visualisation: input, IPC masks on both student views, last-layer [CLS] attention (sec. 3.2.3)
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def visualize(args, n_images=6):
+    from PIL import Image
+    backbone = load_teacher_backbone(args.visualize, args).eval()
+    loader = data.build_loader(args.data, args.data_root, "test", size=args.img_size, batch_size=n_images,
+                               shuffle=False, drop_last=False, seed=args.seed, workers=0,
+                               synthetic_images=args.synthetic_images, distributed=False)
+    images = next(iter(loader))[0][:n_images].to(args.device)
+    B, S, p = len(images), args.img_size, args.patch_size
+    g = S // p
+    m1, m2 = ipc_masks(B, g, g, clean_prob=0.0, ratio_range=args.mask_ratio, shape=args.mask_shape)
+    att = backbone.last_cls_attention(data.normalize(images)).mean(1).reshape(B, 1, g, g)
+    att = (att - att.amin((2, 3), keepdim=True)) / (att.amax((2, 3), keepdim=True) - att.amin((2, 3), keepdim=True) + 1e-8)
+    att = F.interpolate(att, size=(S, S), mode="nearest")[:, 0]
+    heat = torch.stack([att, att * 0.4, 1 - att], 1) * 255  # blue (low) to red (high)
+
+    def up(m):  # grid mask -> pixel mask [B, 1, S, S]
+        return torch.from_numpy(m).reshape(B, 1, g, g).float().repeat_interleave(p, 2).repeat_interleave(p, 3).to(images.device)
+    img = images.float()
+    cols = [img, img * (1 - up(m1)) + 128 * up(m1), img * (1 - up(m2)) + 128 * up(m2), 0.5 * img + 0.5 * heat]
+    grid = torch.cat([torch.cat([c[i] for c in cols], 2) for i in range(B)], 1)  # row per image
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    path = Path(args.out) / "visualize.png"
+    Image.fromarray(grid.clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()).save(path)
+    print(f"wrote {path}: columns = input | s1 (m masked) | s2 (1-m masked) | [CLS] attention")
+
+
+# ------------------------------------------------------------------------------------------------
+# Benchmark: random tensors of the real shapes
+# ------------------------------------------------------------------------------------------------
+def step_flops(args, n_masked_per_image):
+    """Model FLOPs of one step per image: student fwd+bwd (3x) and teacher fwd (1x) on 2 views."""
+    D, depth, _ = ARCHS[args.arch]
+    n = (args.img_size // args.patch_size) ** 2 + 1
+    enc = depth * (2 * 12 * D * D * n + 4 * n * n * D)  # qkv/proj/mlp matmuls + attention
+    head_tok = 2 * (D * 2048 + 2048 * 2048 + 2048 * 256 + 256 * args.out_dim)
+    per_view = enc + head_tok * (1 + n_masked_per_image / 2)
+    return 2 * 4 * per_view
+
+
+def bench(args):
+    setup_distributed(args)
+    run = build_run(args, max(args.bench, 1))
+    dev = run.device
+    images = torch.randint(0, 256, (args.batch_size, 3, args.load_size, args.load_size), dtype=torch.uint8, device=dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    for i in range(3):  # warm-up (and compilation)
+        train_step(run, images, 0, 1)
+    sync()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for i in range(args.bench):
+        train_step(run, images, i, 1)
+    sync()
+    dt = (time.perf_counter() - t0) / args.bench
+    ips = args.batch_size * args.world_size / dt
+    # share of the step spent in the softmax / cross-entropy of the losses (fwd + bwd) at these shapes
+    N = (args.img_size // args.patch_size) ** 2
+    M = int(round(args.batch_size * N * (1 - args.clean_prob)))  # expected masked tokens, both views
+    s_p = torch.randn(M, args.out_dim, device=dev, requires_grad=True)
+    t_p, w = torch.randn(M, args.out_dim, device=dev), torch.full((M,), 1.0 / N, device=dev)
+    s_c = torch.randn(2 * args.batch_size, args.out_dim, device=dev, requires_grad=True)
+    t_c = torch.randn(2 * args.batch_size, args.out_dim, device=dev)
+    sync()
+    t1 = time.perf_counter()
+    for _ in range(3):
+        (patch_mim_loss(s_p, t_p, w, args.batch_size, run.center_patch[0], 0.07, 0.1)
+         + cls_distillation_loss(s_c, t_c, run.center_cls, 0.07, 0.1)).backward()
+    sync()
+    loss_ms = (time.perf_counter() - t1) / 3 * 1000
+    line = (f"bench {args.arch}/{args.patch_size} img {args.img_size} batch {args.batch_size}x{args.world_size} "
+            f"K {args.out_dim} on {dev.type}: {ips:.1f} images/s, step {dt * 1000:.1f} ms, "
+            f"softmax/CE of the losses {loss_ms:.1f} ms ({100 * loss_ms / (dt * 1000):.1f}% of the step)")
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12}.items() if k in name), None)
+        flops = step_flops(args, N * (1 - args.clean_prob)) * args.batch_size / dt
+        mfu = f"{100 * flops / peak:.1f}%" if peak else "n/a (unknown GPU peak)"
+        line += f", peak mem {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB, MFU {mfu} ({name})"
+    if args.rank == 0:
+        print(line, flush=True)
+    return ips
+
+
+def main(argv=None):
+    args = resolve_defaults(get_args_parser().parse_args(argv))
+    if args.bench:
+        bench(args)
+    elif args.export or args.eval_only or args.visualize:
+        args.rank, args.world_size = 0, 1
+        args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if args.export:
+            export(args)
+        elif args.eval_only:
+            evaluate(load_teacher_backbone(args.eval_only, args), args)
+        else:
+            visualize(args)
+    else:
+        setup_distributed(args)
+        t0 = time.time()
+        train(args)
+        if args.rank == 0:
+            print(f"total wall time {time.time() - t0:.1f} s", flush=True)
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
