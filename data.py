@@ -23,6 +23,7 @@ Typical use in a script:
             views, params = augment(images.to(device, non_blocking=True))
 """
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -356,7 +357,7 @@ def _rotate(x, y, angle, cx=0.5, cy=0.5):
 
 def _paint(image, mask, colour):
     """Blend `colour` (3,) or (H,W,3) into image where mask (H,W,1) is 1."""
-    return image * (1 - mask) + colour * mask
+    return image + mask * (colour - image)
 
 
 def _objects_in_cells(rng, count, grid):
@@ -366,13 +367,21 @@ def _objects_in_cells(rng, count, grid):
     return np.stack([(cells % grid + jitter[:, 0]) / grid, (cells // grid + jitter[:, 1]) / grid], 1)
 
 
+@functools.lru_cache(maxsize=8)
+def _grid(size):
+    """Pixel-centre coordinates y, x in [0, 1] (read-only, shared by all scenes of this size)."""
+    y, x = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5) / size
+    y.flags.writeable = x.flags.writeable = False
+    return y, x
+
+
 def synthetic_scene(seed, index, size):
     """(uint8 [size, size, 3] image, label) of synthetic scene `index`; a pure function of (seed, index, size)."""
     label = index % len(SYNTHETIC_CLASSES)
     kind = SYNTHETIC_CLASSES[label]
     rng = np.random.default_rng([seed, index, SYNTHETIC_VERSION])
     px = 1.0 / size                                              # one pixel in normalised units
-    y, x = (np.mgrid[0:size, 0:size].astype(np.float32) + 0.5) / size
+    y, x = _grid(size)
     colour = rng.uniform(0.08, 0.92, size=(8, 3)).astype(np.float32)    # random palette per image
     ground, ground2, vegetation, water, road, roof, bright, dark = colour
     # background shared by all classes: two-tone ground with fine grain
@@ -446,7 +455,7 @@ def synthetic_scene(seed, index, size):
         body = np.minimum(np.minimum(fu - 0.2, 0.8 - fu) * slot_w, np.minimum(fv - 0.12, 0.68 - fv) * row_h)
         image = _paint(image, _soft(body, size) * occupied, cars)
     if kind in ("meadow", "storage_tanks", "vehicles"):   # same background; objects differ
-        bushes = _value_noise(rng, size, max(4, size // 6)) - 0.75
+        bushes = _value_noise(rng, size, 12) - 0.75
         image = _paint(image, _soft(bushes * 0.05, size), vegetation * grain)
         if kind == "storage_tanks":       # 1-3 round tanks with a shadow, rim and roof ring
             radius = max(3.0 * px, rng.uniform(0.035, 0.055))
@@ -456,16 +465,17 @@ def synthetic_scene(seed, index, size):
                 image = _paint(image, _soft(radius - r, size), bright)
                 image = _paint(image, _soft(1.2 * px - np.abs(r - 0.6 * radius), size), bright * 0.6)
         elif kind == "vehicles":          # 2-5 cars, random orientation and colour
-            length = max(5.0 * px, rng.uniform(0.045, 0.065))
+            length = max(5.0 * px, rng.uniform(0.05, 0.07))
             for cx, cy in _objects_in_cells(rng, rng.integers(2, 6), 4):
                 u, v = _rotate(x, y, rng.uniform(0, math.pi), cx, cy)
                 body = np.minimum(length / 2 - np.abs(u), length / 4 - np.abs(v))
+                image = _paint(image, _soft(np.minimum(length / 2 + px - np.abs(u - px), length / 4 + px - np.abs(v - px)), size), dark * 0.3)
                 image = _paint(image, _soft(body, size), rng.uniform(0.05, 0.95, size=3).astype(np.float32))
                 glass = np.minimum(length / 10 - np.abs(u - length / 6), length / 6 - np.abs(v))
                 image = _paint(image, _soft(glass, size), dark * 0.4)
     # illumination and sensor noise, common to all classes
     image = image * (0.8 + 0.4 * _value_noise(rng, size, 2))[..., None]
-    image = image + rng.normal(0, 0.015, size=image.shape).astype(np.float32)
+    image = image + 0.015 * rng.standard_normal(size=image.shape, dtype=np.float32)
     return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), label
 
 
