@@ -5,7 +5,7 @@ histograms. Both need the same thing: per-channel Sobel gradients, an unsigned 9
 histogram per 8x8 cell (magnitude-weighted, hard assignment), then either the energy of each
 patch or the L2-normalised cell histograms. This file holds
 
-- `hog_reference(images, cell=8)`: plain torch, the definition line by line (conv2d, atan2,
+- `hog_reference(images, cell=8)`: plain torch, the definition line by line (Sobel, atan2,
   scatter_add), returning the unnormalised cell histograms [B, 3, 9, H/cell, W/cell];
 - `_hog_kernel`: one Triton program per (image, patch). It loads the patch's pixels and their
   one-pixel halo (reflect padding at the image borders) straight from the input, computes the
@@ -19,7 +19,9 @@ patch or the L2-normalised cell histograms. This file holds
 
 Conventions (the MaskFeat / SlowFast `HOGLayerC` ones, not scikit-image's):
 - Sobel pair wx = [[1,0,-1],[2,0,-2],[1,0,-1]], wy = wx^T applied as conv2d (cross-correlation),
-  so gx = left column - right column, gy = top row - bottom row; reflect padding of 1.
+  so gx = left column - right column, gy = top row - bottom row; reflect padding of 1. Both paths
+  evaluate it as (weighted sum of one side) - (the other side), in the same order, so their
+  gradients are bit-identical and exactly 0 on flat regions.
 - magnitude = sqrt(gx^2 + gy^2); bin = floor(atan2(gx, gy) / pi * 9) mod 9 (unsigned, 20 degrees).
 - uint8 input is read as raw 0..255 values; gradients are computed in those units (exact integers
   in float32) and the magnitude is multiplied by 1/255. That equals converting the image to [0, 1]
@@ -73,14 +75,18 @@ def _as_float_image(images):
 
 
 def sobel_gradients(images):
-    """(gx, gy) float32 [B, 3, H, W] in input units: Sobel pair per channel, reflect padding 1."""
+    """(gx, gy) float32 [B, 3, H, W] in input units: Sobel pair per channel, reflect padding 1.
+
+    gx = conv2d(x, [[1,0,-1],[2,0,-2],[1,0,-1]]), gy = conv2d(x, its transpose), spelled out as
+    (left column sum) - (right column sum) and (top row sum) - (bottom row sum). Same numbers as
+    F.conv2d (a test checks it), but exact on flat regions: conv2d's summation order (or Winograd)
+    leaves ~1e-7 residues there, so a constant image would not score exactly 0."""
     x, _ = _as_float_image(images)
-    wx = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], device=x.device)
-    wy = wx.t()
-    c = x.shape[1]
-    x = F.pad(x, (1, 1, 1, 1), mode="reflect")
-    gx = F.conv2d(x, wx.expand(c, 1, 3, 3).contiguous(), groups=c)
-    gy = F.conv2d(x, wy.expand(c, 1, 3, 3).contiguous(), groups=c)
+    xp = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    h, w = x.shape[-2:]
+    at = lambda dy, dx: xp[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]  # noqa: E731  x[i+dy, j+dx]
+    gx = (at(-1, -1) + 2.0 * at(0, -1) + at(1, -1)) - (at(-1, 1) + 2.0 * at(0, 1) + at(1, 1))
+    gy = (at(-1, -1) + 2.0 * at(-1, 0) + at(-1, 1)) - (at(1, -1) + 2.0 * at(1, 0) + at(1, 1))
     return gx, gy
 
 
@@ -114,7 +120,7 @@ def scores_from_histograms(hist, patch, cell=CELL):
     norms = hist.norm(dim=2)                                   # [B, C, H/cell, W/cell]
     k = patch // cell
     per_patch = F.avg_pool2d(norms, kernel_size=k, stride=k)   # mean over the patch's cells
-    return per_patch.mean(dim=1).reshape(b, -1)                # mean over channels, row-major grid
+    return per_patch.mean(dim=1).reshape(b, per_patch.shape[-2] * per_patch.shape[-1])  # row-major
 
 
 def features_from_histograms(hist, eps=FEATURE_EPS):
@@ -285,8 +291,9 @@ def _launch(images, patch, cell, write_scores, write_features):
         return scores, (feats if write_features else None)
     nc_block = triton.next_power_of_2(patch_cells * patch_cells)
     elems = nc_block * cell * cell
-    # Warps: ~64 tile elements per thread keeps the 8 neighbour tiles plus gx, gy in registers.
-    num_warps = max(1, min(8, elems // 256))
+    # Warps: ~4 tile elements per thread and tile; ptxas (sm_90) reports 72-80 registers and no
+    # spills for patch 16 (2 warps) and patch 32 (8 warps). Not tuned on a GPU yet.
+    num_warps = max(1, min(8, elems // 128))
     mag_scale = 1.0 / 255.0 if images.dtype == torch.uint8 else 1.0
     sb, sc, sh, sw = images.stride()   # strided reads: non-contiguous input is never copied
     _hog_kernel[(b * n_patches,)](

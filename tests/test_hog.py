@@ -1,0 +1,297 @@
+"""kernels/hog.py: Triton (under TRITON_INTERPRET=1 on CPU) vs the torch reference, properties,
+a hand-computed case, input validation, and an sm_90 compile check (SPEC section 4)."""
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import hog
+from kernels.hog import hog_features, hog_reference, patch_scores
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _images(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.uint8:
+        return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+    return torch.randn(shape, generator=g).to(dtype)
+
+
+def _rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+# ---------------------------------------------------------------- Triton vs reference
+@pytest.mark.parametrize("shape,dtype,patch", [
+    ((2, 3, 32, 32), torch.float32, 16),
+    ((1, 3, 48, 64), torch.float32, 16),
+    ((1, 3, 16, 24), torch.float32, 8),
+    ((1, 3, 64, 32), torch.float32, 32),
+    ((2, 3, 32, 32), torch.bfloat16, 16),
+    ((1, 3, 32, 48), torch.uint8, 16),
+    ((1, 3, 16, 16), torch.uint8, 8),
+])
+def test_scores_match_reference(shape, dtype, patch):
+    x = _images(shape, dtype)
+    got = patch_scores(x, patch, backend="triton")
+    ref = patch_scores(x, patch, backend="torch")
+    n = (shape[2] // patch) * (shape[3] // patch)
+    assert got.shape == ref.shape == (shape[0], n) and got.dtype == torch.float32
+    assert torch.isfinite(got).all()
+    assert (ref > 0).all()                     # random images: every patch has structure
+    assert _rel_err(got, ref) < 1e-4
+    # The score is the documented reduction of the reference histograms.
+    hist = hog_reference(x)
+    manual = hist.norm(dim=2).unfold(2, patch // 8, patch // 8).unfold(3, patch // 8, patch // 8)
+    manual = manual.mean(dim=(1, 4, 5)).reshape(shape[0], -1)
+    torch.testing.assert_close(ref, manual, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,dtype", [((1, 3, 32, 32), torch.float32),
+                                         ((1, 3, 24, 16), torch.uint8),   # 1-cell programs
+                                         ((1, 3, 16, 16), torch.bfloat16)])
+def test_features_match_reference(shape, dtype):
+    x = _images(shape, dtype, seed=1)
+    got = hog_features(x, backend="triton")
+    ref = hog_features(x, backend="torch")
+    assert got.shape == ref.shape == (shape[0], 27, shape[2] // 8, shape[3] // 8)
+    assert (got - ref).abs().max().item() < 1e-5
+
+
+def test_reference_sobel_equals_conv2d():
+    x = _images((2, 3, 16, 24), torch.float32, seed=4)
+    wx = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
+    xp = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    gx = torch.nn.functional.conv2d(xp, wx.expand(3, 1, 3, 3), groups=3)
+    gy = torch.nn.functional.conv2d(xp, wx.t().expand(3, 1, 3, 3), groups=3)
+    sx, sy = hog.sobel_gradients(x)
+    torch.testing.assert_close(sx, gx, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sy, gy, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_backend_on_cpu_is_the_reference():
+    x = _images((1, 3, 16, 32), torch.float32)
+    assert torch.equal(patch_scores(x), patch_scores(x, backend="torch"))
+    assert torch.equal(hog_features(x), hog_features(x, backend="torch"))
+
+
+# ---------------------------------------------------------------- binning without atan2
+def _kernel_bins(gx, gy):
+    n = gx.numel()
+    out = torch.empty(n, dtype=torch.int32)
+    block = min(1 << 20, 1 << max(4, (n - 1).bit_length()))    # Triton's limit is 2**20 elements
+    grid = ((n + block - 1) // block,)
+    hog._orientation_bin_kernel[grid](gx.contiguous(), gy.contiguous(), out, n, BLOCK=block)
+    return out.long()
+
+
+def test_kernel_bins_equal_atan2_on_all_uint8_gradients():
+    # Every Sobel gradient of a uint8 image is an integer vector with |gx|, |gy| <= 4 * 255.
+    r = torch.arange(-1020, 1021, dtype=torch.float32)
+    gx, gy = torch.meshgrid(r, r, indexing="ij")
+    gx, gy = gx.reshape(-1), gy.reshape(-1)
+    assert torch.equal(_kernel_bins(gx, gy), hog.orientation_bins(gx, gy))
+
+
+def test_kernel_bins_at_named_directions_and_random_floats():
+    # (gx, gy) -> atan2(gx, gy) in degrees -> bin = floor(deg / 20) mod 9 (unsigned).
+    cases = [((0.0, 0.0), 0),      # zero vector: atan2(0, 0) = 0 -> bin 0
+             ((0.0, 1.0), 0),      # 0 deg
+             ((0.0, -1.0), 0),     # 180 deg -> 9 -> mod 9 = 0 (exact tie at the fold)
+             ((-0.0, -1.0), 0),    # -180 deg -> -9 -> 0
+             ((1.0, 0.0), 4),      # 90 deg -> 4.5
+             ((-1.0, 0.0), 4),     # -90 deg -> -4.5 -> floor -5 -> 4
+             ((1.0, 1.0), 2),      # 45 deg -> 2.25
+             ((1.0, -1.0), 6),     # 135 deg -> 6.75
+             ((-1.0, -1.0), 2),    # -135 deg -> -6.75 -> -7 -> 2
+             ((-1.0, 1.0), 6),     # -45 deg -> -2.25 -> -3 -> 6
+             ((1e-30, -1.0), 8)]   # just below 180 deg: last bin
+    gx = torch.tensor([c[0][0] for c in cases])
+    gy = torch.tensor([c[0][1] for c in cases])
+    want = torch.tensor([c[1] for c in cases])
+    assert torch.equal(_kernel_bins(gx, gy), want)
+    assert torch.equal(hog.orientation_bins(gx[:-1], gy[:-1]), want[:-1])
+    g = torch.randn(2, 100_000, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(_kernel_bins(g[0], g[1]), hog.orientation_bins(g[0], g[1]))
+
+
+def test_kernel_edge_literals_are_the_bin_edges():
+    src = Path(hog.__file__).read_text()       # the kernel's literals, read from the source
+    pairs = re.findall(r"\((-?[0-9.]+) \* u >= ([0-9.]+) \* v\)", src)
+    assert len(pairs) == 8
+    for (c, s), (cos_k, sin_k) in zip(pairs, hog.BIN_EDGES):
+        assert float(c) == pytest.approx(cos_k, abs=1e-15)
+        assert float(s) == pytest.approx(sin_k, abs=1e-15)
+
+
+# ---------------------------------------------------------------- properties
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_constant_image_scores_zero(backend):
+    for x in (torch.full((2, 3, 16, 32), 0.7), torch.full((1, 3, 16, 16), 200, dtype=torch.uint8)):
+        assert torch.equal(patch_scores(x, 16, backend=backend), torch.zeros(x.shape[0], x.shape[3] // 16))
+        assert torch.equal(hog_features(x, backend=backend), torch.zeros(x.shape[0], 27, 2, x.shape[3] // 8))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_edge_and_small_object_score_above_every_flat_patch(backend):
+    # 2 x 4 grid of 16-px patches: faint noise everywhere, a step edge inside patch 1 and a 3x3
+    # bright square inside patch 6, both away from patch borders (the Sobel halo is 1 px).
+    g = torch.Generator().manual_seed(0)
+    x = 0.3 + 0.01 * torch.randn(1, 3, 32, 64, generator=g)
+    x[:, :, 2:14, 16 + 8:16 + 14] += 0.5               # patch (0, 1): vertical edge at column 24
+    x[:, :, 16 + 6:16 + 9, 32 + 6:32 + 9] += 1.0       # patch (1, 2): small bright object
+    s = patch_scores(x, 16, backend=backend)[0]
+    flat = torch.ones(8, dtype=torch.bool)
+    flat[[1, 6]] = False
+    assert s[1] > 5 * s[flat].max() and s[6] > 5 * s[flat].max()
+
+
+def test_scores_invariant_to_adding_a_constant():
+    # Dyadic values (k / 256) stay exact after +0.25, so the gradients, and the scores, are equal.
+    g = torch.Generator().manual_seed(5)
+    x = torch.randint(0, 256, (1, 3, 16, 32), generator=g).float() / 256
+    for backend in ("triton", "torch"):
+        assert torch.equal(patch_scores(x + 0.25, 16, backend=backend), patch_scores(x, 16, backend=backend))
+    u8 = torch.randint(0, 200, (1, 3, 16, 32), generator=g, dtype=torch.uint8)
+    assert torch.equal(patch_scores(u8 + 55, 16, backend="triton"), patch_scores(u8, 16, backend="triton"))
+    # Generic floats: rounding of x + c perturbs gradients by ~1e-6, so allow a small tolerance.
+    y = torch.randn(1, 3, 16, 16, generator=g)
+    assert _rel_err(patch_scores(y + 3.0, 16, backend="triton"), patch_scores(y, 16, backend="torch")) < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+def test_hand_computed_16x16(dtype):
+    # Channel R: vertical step 0 -> 1 between columns 7 and 8. For an image constant along rows,
+    #   gx[j] = (1 + 2 + 1) * (x[j-1] - x[j+1]) = 4 * (x[j-1] - x[j+1]): -4 at j = 7 and j = 8, 0
+    #   elsewhere (reflect padding: x[-1] = x[1], x[16] = x[14], so the borders give 0); gy = 0.
+    #   atan2(-4, 0) = -90 deg -> -4.5 -> floor -5 -> mod 9 = bin 4, magnitude 4.
+    #   Each 8x8 cell holds one such column: 8 pixels x 4 = 32 in bin 4.
+    # Channel G: horizontal step 0 -> 0.5 between rows 7 and 8: gy = 4 * (0 - 0.5) = -2 at rows 7,
+    #   8; gx = 0; atan2(0, -2) = 180 deg -> 9 -> mod 9 = bin 0. Each cell: 8 x 2 = 16 in bin 0.
+    # Channel B: constant 0 -> nothing.
+    # Cell norms per channel: 32, 16, 0 -> score = mean over cells and channels = 48 / 3 = 16
+    # for every patch, whatever the patch size (all four cells are alike).
+    x = torch.zeros(1, 3, 16, 16)
+    x[0, 0, :, 8:] = 1.0
+    x[0, 1, 8:, :] = 0.5
+    if dtype == torch.uint8:   # uint8 is read as value / 255: same picture, same numbers
+        x = (x * 254).to(torch.uint8)
+        scale = 254 / 255
+    else:
+        scale = 1.0
+    for backend in ("triton", "torch"):
+        for patch, n in ((16, 1), (8, 4)):
+            s = patch_scores(x, patch, backend=backend)
+            torch.testing.assert_close(s, torch.full((1, n), 16.0 * scale), rtol=1e-6, atol=1e-6)
+        f = hog_features(x, backend=backend)
+        want = torch.zeros(1, 27, 2, 2)
+        want[0, 0 * 9 + 4] = 1.0          # R: bin 4
+        want[0, 1 * 9 + 0] = 1.0          # G: bin 0
+        torch.testing.assert_close(f, want, rtol=1e-6, atol=1e-6)
+    hist = hog_reference(x)
+    assert hist.shape == (1, 3, 9, 2, 2)
+    torch.testing.assert_close(hist[0, 0, 4], torch.full((2, 2), 32.0 * scale))
+    torch.testing.assert_close(hist[0, 1, 0], torch.full((2, 2), 16.0 * scale))
+    assert hist.sum().item() == pytest.approx(4 * 48.0 * scale)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_features_are_unit_norm_per_cell_where_nonzero(backend):
+    x = _images((1, 3, 32, 32), torch.float32, seed=7)
+    x[:, :, :16, :16] = 0.0                 # a flat corner: its inner cells have no gradient
+    f = hog_features(x, backend=backend).view(1, 3, 9, 4, 4)
+    norms = f.norm(dim=2)
+    zero = hog_reference(x).norm(dim=2) == 0
+    assert zero.sum() >= 3 and (norms[zero] == 0).all()
+    torch.testing.assert_close(norms[~zero], torch.ones(int((~zero).sum())), rtol=1e-5, atol=1e-5)
+    assert (f >= 0).all()
+
+
+# ---------------------------------------------------------------- input handling
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_non_contiguous_and_empty_batch(backend):
+    x = _images((2, 3, 16, 32), torch.float32, seed=2)
+    want = patch_scores(x, 16, backend="torch")
+    xt = x.transpose(-1, -2).contiguous().transpose(-1, -2)        # same values, W stride 16
+    xc = x.contiguous(memory_format=torch.channels_last)
+    xs = torch.stack([x, -x], dim=1)[:, 0]                         # batch stride doubled
+    for v in (xt, xc, xs):
+        assert not v.is_contiguous()
+        assert _rel_err(patch_scores(v, 16, backend=backend), want) < 1e-4
+    empty = torch.empty(0, 3, 32, 48)
+    assert patch_scores(empty, 16, backend=backend).shape == (0, 6)
+    assert hog_features(empty, backend=backend).shape == (0, 27, 4, 6)
+    assert hog_features(empty.to(torch.uint8), backend=backend).dtype == torch.float32
+
+
+@pytest.mark.parametrize("bad,kwargs,err,match", [
+    (torch.zeros(3, 32, 32), {}, ValueError, "rank 4"),
+    (torch.zeros(1, 1, 32, 32), {}, ValueError, "3 channels"),
+    (torch.zeros(1, 4, 32, 32), {}, ValueError, "3 channels"),
+    (torch.zeros(1, 3, 32, 40), {}, ValueError, "not divisible by the patch size 16"),
+    (torch.zeros(1, 3, 48, 48), {"patch": 32}, ValueError, "not divisible"),
+    (torch.zeros(1, 3, 36, 36), {"patch": 12}, ValueError, "multiple of the HOG cell size 8"),
+    (torch.zeros(1, 3, 32, 32), {"patch": 0}, ValueError, "positive"),
+    (torch.zeros(1, 3, 32, 32, dtype=torch.float64), {}, TypeError, "float64"),
+    (torch.zeros(1, 3, 32, 32, dtype=torch.int32), {}, TypeError, "not supported"),
+    (torch.zeros(1, 3, 32, 32), {"backend": "cuda"}, ValueError, "backend must be"),
+    ([[0.0]], {}, TypeError, "torch.Tensor"),
+])
+def test_bad_input_errors(bad, kwargs, err, match):
+    with pytest.raises(err, match=match):
+        patch_scores(bad, **kwargs)
+
+
+def test_bad_input_errors_features_and_reference():
+    with pytest.raises(ValueError, match="not divisible by the cell size 8"):
+        hog_features(torch.zeros(1, 3, 20, 16))
+    with pytest.raises(ValueError, match="3 channels"):
+        hog_reference(torch.zeros(1, 2, 16, 16))
+    with pytest.raises(ValueError, match="power-of-two cell"):
+        hog_features(torch.zeros(1, 3, 24, 24), cell=6, backend="triton")
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        patch_scores(torch.zeros(1, 3, 16, 16), backend="triton")
+
+
+# ---------------------------------------------------------------- compiles for Hopper
+_COMPILE_SM90 = r"""
+import triton
+from triton.compiler import ASTSource
+from triton.backends.compiler import GPUTarget
+from kernels.hog import _hog_kernel
+ints = ("H", "W", "stride_b", "stride_c", "stride_h", "stride_w", "patches_w", "n_patches",
+        "cells_h", "cells_w")
+for dtype, patch_cells, features, warps in (("fp32", 2, False, 2), ("u8", 2, False, 2),
+                                             ("bf16", 4, True, 8)):
+    sig = {"x_ptr": "*" + dtype, "scores_ptr": "*fp32", "feats_ptr": "*fp32"}
+    sig.update({n: "i32" for n in ints}, mag_scale="fp32", eps="fp32")
+    const = dict(CELL=8, PATCH_CELLS=patch_cells, NC_BLOCK=patch_cells ** 2,
+                 WRITE_SCORES=not features, WRITE_FEATURES=features)
+    sig.update({k: "constexpr" for k in const})
+    k = triton.compile(ASTSource(fn=_hog_kernel, signature=sig, constexprs=const),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    assert len(k.asm["cubin"]) > 0 and ".target sm_90" in k.asm["ptx"]
+print("compiled for sm_90")
+"""
+
+
+def test_kernel_compiles_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SM90], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=240)
+    out = proc.stdout + proc.stderr
+    if proc.returncode != 0 and re.search(r"ptxas|No such file|not found|CUDA_HOME|libcuda", out):
+        pytest.skip(f"cannot compile for sm_90 on this machine (environment): {out[-300:]}")
+    assert proc.returncode == 0, out[-3000:]
+    assert "compiled for sm_90" in proc.stdout
