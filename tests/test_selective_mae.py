@@ -1,0 +1,212 @@
+"""Tests of selective_mae.py: token selection (unit, in-process) and the script's conventions
+(subprocess smoke runs: resume, torchrun, export, eval-only, plain-MAE mode, adaptive budget)."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("selective_mae", REPO / "selective_mae.py")
+smae = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(smae)
+
+# Tiny and fast: ViT-Tiny width with 2 blocks, 64 px / patch 8 (N = 64, K = 9, R = 16), 1-block decoder.
+TINY = ["--img-size", "64", "--patch-size", "8", "--depth", "2", "--decoder-depth", "1",
+        "--synthetic-images", "40", "--batch-size", "8", "--workers", "0", "--log-every", "1"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on 2 shared cores, OpenMP with 2 threads spins and runs ~10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_args(*flags):
+    return smae.resolve_args(smae.get_args_parser().parse_args([*TINY, *flags]))
+
+
+def planted_images(B=6, size=64, patch=8, seed=0):
+    """Flat images, each with one textured (random-noise) patch at a random grid position."""
+    g = torch.Generator().manual_seed(seed)
+    grid = size // patch
+    images = torch.full((B, 3, size, size), 0.3)
+    where = torch.randint(0, grid * grid, (B,), generator=g)
+    for b in range(B):
+        r, c = divmod(int(where[b]), grid)
+        images[b, :, r * patch:(r + 1) * patch, c * patch:(c + 1) * patch] = torch.rand(3, patch, patch, generator=g)
+    return images, where
+
+
+def test_token_counts_disjoint_and_targets_among_masked():
+    torch.manual_seed(0)
+    for flags in ([], ["--seed-select", "sample", "--target-select", "sample"], ["--target-select", "random"],
+                  ["--adaptive-budget"], ["--mask-ratio", "0.75", "--recon-ratio", "0.75", "--seed-select", "random",
+                                          "--target-select", "random", "--decoder", "self"]):
+        args = make_args(*flags)
+        model = smae.SelectiveMAE(args)
+        N, K, R = model.num_patches, model.n_keep, model.n_targets
+        tokens, scores = torch.randn(5, N, 16), torch.rand(5, N)
+        for probs in ([1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [0.5, 0.5, 0]):
+            vis, tgt, valid = model.choose_tokens(tokens, scores, torch.tensor(probs))
+            assert tgt.shape == (5, R) and (N, K, R) == (64, 16 if "0.75" in flags else 9, 48 if "0.75" in flags else 16)
+            if valid is None:
+                assert vis.shape == (5, K)
+                valid = torch.ones_like(vis, dtype=torch.bool)
+            else:                     # adaptive: padded to n_pad, a variable number valid per image
+                assert vis.shape == (5, model.n_pad) and valid.any(1).all()
+            for b in range(5):
+                v = set(vis[b][valid[b]].tolist())
+                assert len(set(vis[b].tolist())) == vis.shape[1]         # no index twice
+                t = set(tgt[b].tolist())
+                assert len(t) == R and not (v & t)                      # disjoint: targets only among masked
+        if "0.75" in flags:           # plain MAE: every masked patch is reconstructed
+            assert K + R == N
+
+
+def test_topk_seeds_pick_the_planted_textured_patch():
+    images, where = planted_images()
+    scores = smae.hog_patch_scores(images, 8)
+    assert (scores.argmax(1) == where).all()
+    model = smae.SelectiveMAE(make_args())
+    tokens = model.encoder.input_tokens(images).detach()
+    vis = smae.psts_select(tokens, scores, model.n_keep, 2, "topk", 1.0, torch.tensor([1.0, 0, 0]))
+    n_seed = model.n_keep // 2
+    for b in range(len(images)):
+        assert int(where[b]) in vis[b, :n_seed].tolist()
+        assert set(vis[b, :n_seed].tolist()) == set(scores[b].topk(n_seed).indices.tolist())
+    # the planted patch is also never a reconstruction target (it is visible)
+    tgt = smae.select_targets(scores, vis, None, model.n_targets, "topk", 1.0)
+    assert not (tgt == where[:, None]).any()
+
+
+def test_curriculum_stage_at_progress():
+    expect = {0.0: ("near", (1, 0, 0)), 0.2: ("near", (1, 0, 0)), 0.3625: ("blend", (0.5, 0.5, 0)),
+              0.375: ("far", (0, 1, 0)), 0.6: ("far", (0, 1, 0)), 0.7375: ("blend", (0, 0.5, 0.5)),
+              0.75: ("random", (0, 0, 1)), 0.99: ("random", (0, 0, 1))}
+    for p, (name, probs) in expect.items():
+        got_name, got = smae.psts_stage(p)
+        assert got_name == name and torch.allclose(torch.tensor(got), torch.tensor(probs, dtype=torch.float32)), p
+    # the per-step schedule scales with --epochs: 800 epochs -> near until 280, far from 300 to 580
+    sched = smae.stage_schedule(800, 1, "cpu")
+    assert sched[279].tolist() == [1, 0, 0] and sched[300].tolist() == [0, 1, 0]
+    assert sched[579].tolist() == [0, 1, 0] and sched[600].tolist() == [0, 0, 1]
+
+
+def test_near_round_picks_are_more_similar_than_far_round_picks():
+    torch.manual_seed(0)
+    B, N, n_keep = 8, 64, 16
+    centres = torch.randn(4, 32)
+    tokens = centres[torch.randint(0, 4, (B, N))] + 0.5 * torch.randn(B, N, 32)   # clustered tokens
+    scores = torch.rand(B, N)
+    unit = torch.nn.functional.normalize(tokens, dim=-1)
+
+    def similarity_to_seeds(probs):
+        vis = smae.psts_select(tokens, scores, n_keep, 2, "topk", 1.0, torch.tensor(probs))
+        seeds, added = vis[:, :n_keep // 2], vis[:, n_keep // 2:]
+        sim = smae.gather_tokens(unit, added) @ smae.gather_tokens(unit, seeds).transpose(1, 2)
+        return sim.amax(-1).mean().item()
+    near, far, rand = similarity_to_seeds([1.0, 0, 0]), similarity_to_seeds([0, 1.0, 0]), similarity_to_seeds([0, 0, 1.0])
+    assert near > rand > far, (near, rand, far)
+
+
+def test_loss_falls_when_overfitting_one_batch():
+    torch.manual_seed(0)
+    args = make_args("--img-size", "32")
+    model = smae.SelectiveMAE(args)
+    images, _ = planted_images(B=4, size=32)
+    images = images + 0.2 * torch.linspace(0, 1, 32)[None, None, :, None]       # some structure to learn
+    scores = smae.hog_patch_scores(images, 8)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    probs = torch.tensor([1.0, 0, 0])
+    losses = []
+    for _ in range(40):
+        loss = model(images, scores, probs)[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0], losses
+
+
+def _run(args, timeout=240):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(REPO / "selective_mae.py"), *map(str, args)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2-block model trained for 2 steps; its checkpoint serves the export / eval / visualize tests."""
+    out = tmp_path_factory.mktemp("smae")
+    _run([*TINY, "--epochs", "1", "--max-steps", "2", "--out", out])
+    return out
+
+
+def epoch_losses(out):
+    return [json.loads(line)["loss"] for line in open(Path(out) / "log.jsonl")]
+
+
+def test_exact_resume_reproduces_uninterrupted_losses(tmp_path):
+    common = [*TINY, "--epochs", "2", "--skip-eval", "--synthetic-images", "50"]   # 40 train -> 5 steps/epoch
+    _run([*common, "--out", tmp_path / "a"])
+    out = _run([*common, "--out", tmp_path / "b", "--max-steps", "7"])             # stops mid-epoch 2
+    assert "--max-steps 7 reached" in out and not (tmp_path / "b" / "log.jsonl").read_text().count("\n") > 1
+    out = _run([*common, "--out", tmp_path / "b", "--resume", "auto"])
+    assert "resumed" in out
+    a, b = epoch_losses(tmp_path / "a"), epoch_losses(tmp_path / "b")
+    assert len(a) == len(b) == 2 and a == b, (a, b)
+
+
+def test_torchrun_two_processes_run_two_steps(run_torchrun, tmp_path):
+    proc = run_torchrun(2, "selective_mae.py", *TINY, "--epochs", "1", "--max-steps", "2", "--out", tmp_path)
+    assert "max-steps 2 reached" in proc.stdout and "world 2" in proc.stdout
+    assert (tmp_path / "checkpoint.pth").exists()
+
+
+def test_export_keys_match_timm_vit_names(trained, tmp_path):
+    _run(["--export", trained / "checkpoint.pth", "--out", tmp_path])
+    keys = set(torch.load(tmp_path / "backbone.pth", map_location="cpu").keys())
+    expected = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias"}
+    for i in range(2):
+        expected |= {f"blocks.{i}.{n}" for n in (
+            "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+            "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")}
+    assert keys == expected
+
+
+def test_eval_only_prints_the_three_protocols(trained):
+    out = _run(["--eval-only", trained / "checkpoint.pth", "--out", trained, "--synthetic-images", "40"])
+    for proto in ("linear@1%", "linear@100%", "knn"):
+        assert any(line.startswith(proto) and len(line.split()) == 3 for line in out.splitlines()), out
+    assert "random-init" in out
+    results = json.loads((trained / "eval.json").read_text())
+    assert set(results) == {"pretrained", "random-init"} and 0 <= results["pretrained"]["knn"] <= 100
+
+
+def test_visualize_writes_png(trained):
+    _run(["--visualize", trained / "checkpoint.pth", "--out", trained])
+    from PIL import Image
+    img = Image.open(trained / "visualize.png")
+    tile = img.size[0] // 3                               # columns: input | masks | reconstruction
+    assert img.size[0] == 3 * tile and img.size[1] % tile == 0 and img.size[1] >= tile
+
+
+def test_plain_mae_mode_runs(tmp_path):
+    out = _run([*TINY, "--epochs", "1", "--max-steps", "2", "--out", tmp_path, "--mask-ratio", "0.75",
+                "--recon-ratio", "0.75", "--seed-select", "random", "--target-select", "random", "--decoder", "self"])
+    assert "K=16 R=48 decoder=self" in out and "max-steps 2 reached" in out
+
+
+def test_adaptive_budget_runs(tmp_path):
+    out = _run([*TINY, "--epochs", "1", "--max-steps", "2", "--out", tmp_path, "--adaptive-budget", "--attn", "triton"])
+    assert "max-steps 2 reached" in out
