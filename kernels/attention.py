@@ -1,0 +1,531 @@
+"""Masked attention: FlashAttention-2 style forward and backward Triton kernels with a per-sample key mask.
+
+    out = masked_attention(q, k, v, key_mask=None, scale=None, backend="auto")
+
+q [B, H, Nq, D], k and v [B, H, Nk, D], key_mask bool [B, Nk] (True = attend; one mask per sample,
+shared by all heads and all queries). Any Nq and Nk (Nq != Nk for cross-attention, lengths that
+are not multiples of the block sizes); D in {32, 64, 128}; fp16 / bf16 (fp32 for tests).
+
+Semantics (SPEC section 5):
+- softmax(q k^T * scale) v over the keys that the mask lets through; scale defaults to D**-0.5;
+- a sample whose keys are ALL masked has every query row returning exactly 0 (never NaN), and
+  those rows pass zero gradient to q, k and v;
+- masked keys and values receive exactly zero gradient (their probability is exactly 0, in the
+  forward and in the backward).
+
+Backends: "triton" (the kernels below; on CPU tensors only under TRITON_INTERPRET=1), "torch"
+(F.scaled_dot_product_attention with the boolean mask, all-masked samples fixed up) and "auto"
+(triton on CUDA, torch on CPU). `attention_reference` is the same op in plain torch float32 math.
+
+Algorithm (Dao 2023, FlashAttention-2; the Triton fused-attention tutorial):
+- forward: one program per (query block, batch*head). It streams the key blocks, keeping a running
+  row max m, a running row sum l and an fp32 output accumulator (online softmax, base 2: scores are
+  pre-multiplied by log2(e) so exp2 replaces exp). It writes out = acc / l and the row
+  log-sum-exp LSE = m + log2(l) (base 2, -inf for a row with no valid key) for the backward.
+- backward: delta = rowsum(dO * O) (preprocess kernel); a dK/dV kernel, one program per key block,
+  loops over ALL query blocks recomputing P = exp2(S - LSE); a dQ kernel, one program per query
+  block, loops over ALL key blocks. (The tutorial's backward is written for causal attention with
+  lengths divisible by the blocks; here every loop masks its tails and loads the key mask per block.)
+- keys past the last valid key of a sample (padding of variable-length token sets) are skipped:
+  the host computes key_end[b] = 1 + index of the last True key, and the loops stop there.
+
+Benchmark (needs CUDA): `python -m kernels.attention` (forward+backward against SDPA's flash,
+cuDNN and efficient backends and FlexAttention, at the rsmim scripts' shapes).
+"""
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+HEAD_DIMS = (32, 64, 128)
+BACKENDS = ("auto", "triton", "torch")
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_LOG2E = 1.4426950408889634
+
+
+def _interpreting():
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ------------------------------------------------------------------------------------------------
+# Triton kernels
+#
+# Every key loop is written twice around one @triton.jit step function: a `for ... in range(...)`
+# (compiled: the form Triton software-pipelines) and a `while` loop, used under TRITON_INTERPRET=1
+# only, because triton 3.6's interpreter cannot take a runtime tensor as a `range` bound with
+# numpy >= 2.4 ("only 0-dimensional arrays can be converted to Python scalars").
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b, DOT_PRECISION: tl.constexpr):
+    """tl.dot with fp32 accumulation. DOT_PRECISION "upcast" (bf16 under the interpreter only):
+    triton 3.6's interpreter multiplies bf16 tiles as raw integers, so multiply them as fp32."""
+    if DOT_PRECISION == "upcast":
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        c = tl.dot(a, b, input_precision=DOT_PRECISION)
+    return c
+
+
+@triton.jit
+def _key_block(K, V, KeyMask, b, stride_kn, stride_kd, stride_vn, stride_vd, stride_mb,
+               cols, offs_d, N_K, HAS_MASK: tl.constexpr):
+    """K and V tiles [BLOCK_N, D] (zeros past N_K) and which of these keys may be attended."""
+    key_in = cols < N_K
+    key_ok = key_in
+    if HAS_MASK:
+        key_ok = key_in & (tl.load(KeyMask + b * stride_mb + cols, mask=key_in, other=0) != 0)
+    k = tl.load(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=key_in[:, None], other=0.0)
+    v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=key_in[:, None], other=0.0)
+    return k, v, key_ok
+
+
+@triton.jit
+def _fwd_step(q, K, V, KeyMask, b, start_n, m_i, l_i, acc, scale_log2,
+              stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, N_K,
+              HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    """One key block of the online softmax: update the running max m, sum l and accumulator."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    k, v, key_ok = _key_block(K, V, KeyMask, b, stride_kn, stride_kd, stride_vn, stride_vd, stride_mb,
+                              cols, tl.arange(0, HEAD_DIM), N_K, HAS_MASK)
+    # Scores in base-2 units; masked keys get -inf, so their p is exactly 0.
+    s = _dot(q, tl.trans(k), DOT_PRECISION)
+    s = tl.where(key_ok[None, :], s * scale_log2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen no valid key yet has m = -inf: subtract 0 instead (-inf - -inf = NaN).
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)                       # rescales the old sums to the new max
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _attn_fwd(Q, K, V, KeyMask, KeyEnd, Out, LSE,
+              scale_log2,  # softmax scale * log2(e)
+              stride_qb, stride_qh, stride_qm, stride_qd,
+              stride_kb, stride_kh, stride_kn, stride_kd,
+              stride_vb, stride_vh, stride_vn, stride_vd,
+              stride_ob, stride_oh, stride_om, stride_od,
+              stride_mb, H, N_Q, N_K,
+              HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    # Program (query block, batch * head): out = softmax(q k^T) v over the valid keys, and the LSE.
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    b = (off_bh // H).to(tl.int64)
+    h = (off_bh % H).to(tl.int64)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_in = offs_m < N_Q
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=row_in[:, None], other=0.0)
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    # Keys at or past key_end (1 + the sample's last valid key) are all masked: the loop stops there.
+    key_end = N_K
+    if HAS_MASK:
+        key_end = tl.load(KeyEnd + b)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)   # running row max (base 2)
+    l_i = tl.zeros([BLOCK_M], tl.float32)                  # running row sum of exp2(s - m)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)        # running sum of p v
+    if INTERPRET:
+        start_n = 0
+        while start_n < key_end:
+            m_i, l_i, acc = _fwd_step(q, K, V, KeyMask, b, start_n, m_i, l_i, acc, scale_log2,
+                                      stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, N_K,
+                                      HAS_MASK, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+            start_n += BLOCK_N
+    else:
+        for start_n in range(0, key_end, BLOCK_N):
+            m_i, l_i, acc = _fwd_step(q, K, V, KeyMask, b, start_n, m_i, l_i, acc, scale_log2,
+                                      stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, N_K,
+                                      HAS_MASK, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+
+    # Rows without any valid key have l = 0 and acc = 0: they return 0 and store LSE = -inf.
+    has_key = l_i > 0.0
+    l_safe = tl.where(has_key, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+             out.to(Out.dtype.element_ty), mask=row_in[:, None])
+    lse = tl.where(has_key, m_i + tl.log2(l_safe), float("-inf"))
+    tl.store(LSE + off_bh.to(tl.int64) * N_Q + offs_m, lse, mask=row_in)
+
+
+@triton.jit
+def _attn_bwd_preprocess(Out, DOut, Delta,
+                         stride_ob, stride_oh, stride_om, stride_od,
+                         stride_db, stride_dh, stride_dm, stride_dd,
+                         H, N_Q, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    # delta_i = sum_d dO_id O_id (= sum_j P_ij dP_ij): the softmax-backward correction term.
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    b = (off_bh // H).to(tl.int64)
+    h = (off_bh % H).to(tl.int64)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_in = offs_m < N_Q
+    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                mask=row_in[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DOut + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + offs_d[None, :] * stride_dd,
+                 mask=row_in[:, None], other=0.0).to(tl.float32)
+    tl.store(Delta + off_bh.to(tl.int64) * N_Q + offs_m, tl.sum(o * do, 1), mask=row_in)
+
+
+@triton.jit
+def _load_lse(LSE, off_bh, rows, N_Q):
+    # Rows past N_Q and rows without any valid key (LSE = -inf) get +inf: exp2(s - LSE) is then 0.
+    lse = tl.load(LSE + off_bh.to(tl.int64) * N_Q + rows, mask=rows < N_Q, other=float("inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse)
+
+
+@triton.jit
+def _dkdv_step(k, v, key_ok, Q, DOut, LSE, Delta, off_bh, start_m, dk, dv, scale_log2,
+               stride_qm, stride_qd, stride_dm, stride_dd, N_Q,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One query block's contribution to dV = P^T dO and dK (unscaled) = dS^T Q, all transposed."""
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_in = rows < N_Q
+    q = tl.load(Q + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=row_in[:, None], other=0.0)
+    do = tl.load(DOut + rows[:, None] * stride_dm + offs_d[None, :] * stride_dd, mask=row_in[:, None], other=0.0)
+    lse = _load_lse(LSE, off_bh, rows, N_Q)
+    delta = tl.load(Delta + off_bh.to(tl.int64) * N_Q + rows, mask=row_in, other=0.0)
+    # Recompute P^T from the saved LSE; masked keys get -inf, hence p exactly 0.
+    sT = _dot(k, tl.trans(q), DOT_PRECISION)
+    sT = tl.where(key_ok[:, None], sT * scale_log2, float("-inf"))
+    pT = tl.exp2(sT - lse[None, :])
+    dv += _dot(pT.to(do.dtype), do, DOT_PRECISION)
+    dpT = _dot(v, tl.trans(do), DOT_PRECISION)
+    dsT = pT * (dpT - delta[None, :])                      # softmax backward: dS = P (dP - delta)
+    dk += _dot(dsT.to(q.dtype), q, DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, KeyMask, KeyEnd, DOut, LSE, Delta, DK, DV,
+                   scale, scale_log2,
+                   stride_qb, stride_qh, stride_qm, stride_qd,
+                   stride_kb, stride_kh, stride_kn, stride_kd,
+                   stride_vb, stride_vh, stride_vn, stride_vd,
+                   stride_db, stride_dh, stride_dm, stride_dd,
+                   stride_mb, H, N_Q, N_K,
+                   stride_gb, stride_gh, stride_gn, stride_gd,  # dK and dV (contiguous, same shape)
+                   HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    # Program (key block, batch * head): dK and dV of these keys, summed over ALL query blocks.
+    # Everything is computed transposed ([keys, queries]) so the key block stays in registers.
+    start_n = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    b = (off_bh // H).to(tl.int64)
+    h = (off_bh % H).to(tl.int64)
+    cols = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k, v, key_ok = _key_block(K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh, KeyMask, b,
+                              stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, cols, offs_d, N_K, HAS_MASK)
+    Q += b * stride_qb + h * stride_qh
+    DOut += b * stride_db + h * stride_dh
+    # A key block past the sample's last valid key gets dK = dV = 0 without looping.
+    q_end = N_Q
+    if HAS_MASK:
+        q_end = tl.where(start_n * BLOCK_N < tl.load(KeyEnd + b), N_Q, 0)
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    if INTERPRET:
+        start_m = 0
+        while start_m < q_end:
+            dk, dv = _dkdv_step(k, v, key_ok, Q, DOut, LSE, Delta, off_bh, start_m, dk, dv, scale_log2,
+                                stride_qm, stride_qd, stride_dm, stride_dd, N_Q,
+                                HEAD_DIM, BLOCK_M, DOT_PRECISION)
+            start_m += BLOCK_M
+    else:
+        for start_m in range(0, q_end, BLOCK_M):
+            dk, dv = _dkdv_step(k, v, key_ok, Q, DOut, LSE, Delta, off_bh, start_m, dk, dv, scale_log2,
+                                stride_qm, stride_qd, stride_dm, stride_dd, N_Q,
+                                HEAD_DIM, BLOCK_M, DOT_PRECISION)
+    dk *= scale
+    g_offs = b * stride_gb + h * stride_gh + cols[:, None] * stride_gn + offs_d[None, :] * stride_gd
+    tl.store(DK + g_offs, dk.to(DK.dtype.element_ty), mask=(cols < N_K)[:, None])
+    tl.store(DV + g_offs, dv.to(DV.dtype.element_ty), mask=(cols < N_K)[:, None])
+
+
+@triton.jit
+def _dq_step(q, do, lse, delta, K, V, KeyMask, b, start_n, dq, scale_log2,
+             stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, N_K,
+             HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+             DOT_PRECISION: tl.constexpr):
+    """One key block's contribution to dQ (unscaled) = dS K."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    k, v, key_ok = _key_block(K, V, KeyMask, b, stride_kn, stride_kd, stride_vn, stride_vd, stride_mb,
+                              cols, tl.arange(0, HEAD_DIM), N_K, HAS_MASK)
+    s = _dot(q, tl.trans(k), DOT_PRECISION)
+    s = tl.where(key_ok[None, :], s * scale_log2, float("-inf"))
+    p = tl.exp2(s - lse[:, None])
+    dp = _dot(do, tl.trans(v), DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq += _dot(ds.to(k.dtype), k, DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, KeyMask, KeyEnd, DOut, LSE, Delta, DQ,
+                 scale, scale_log2,
+                 stride_qb, stride_qh, stride_qm, stride_qd,
+                 stride_kb, stride_kh, stride_kn, stride_kd,
+                 stride_vb, stride_vh, stride_vn, stride_vd,
+                 stride_db, stride_dh, stride_dm, stride_dd,
+                 stride_mb, H, N_Q, N_K,
+                 stride_gb, stride_gh, stride_gm, stride_gd,  # dQ (contiguous)
+                 HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    # Program (query block, batch * head): dQ of these queries, summed over ALL key blocks.
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    b = (off_bh // H).to(tl.int64)
+    h = (off_bh % H).to(tl.int64)
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_in = rows < N_Q
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=row_in[:, None], other=0.0)
+    do = tl.load(DOut + b * stride_db + h * stride_dh + rows[:, None] * stride_dm + offs_d[None, :] * stride_dd,
+                 mask=row_in[:, None], other=0.0)
+    lse = _load_lse(LSE, off_bh, rows, N_Q)
+    delta = tl.load(Delta + off_bh.to(tl.int64) * N_Q + rows, mask=row_in, other=0.0)
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    key_end = N_K
+    if HAS_MASK:
+        key_end = tl.load(KeyEnd + b)
+
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    if INTERPRET:
+        start_n = 0
+        while start_n < key_end:
+            dq = _dq_step(q, do, lse, delta, K, V, KeyMask, b, start_n, dq, scale_log2,
+                          stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, N_K,
+                          HAS_MASK, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+            start_n += BLOCK_N
+    else:
+        for start_n in range(0, key_end, BLOCK_N):
+            dq = _dq_step(q, do, lse, delta, K, V, KeyMask, b, start_n, dq, scale_log2,
+                          stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, N_K,
+                          HAS_MASK, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+    dq *= scale
+    tl.store(DQ + b * stride_gb + h * stride_gh + rows[:, None] * stride_gm + offs_d[None, :] * stride_gd,
+             dq.to(DQ.dtype.element_ty), mask=row_in[:, None])
+
+
+# ------------------------------------------------------------------------------------------------
+# Launch configuration
+# ------------------------------------------------------------------------------------------------
+def _configs(n_q, n_k, head_dim):
+    """Block sizes and launch options, fixed per shape (no autotuning: none of this was measured).
+
+    Hopper (sm_90) reasoning, following the Triton fused-attention tutorial's H100 configs:
+    - forward: BLOCK_M = 128 queries per program (4 warps run two m64 wgmma tiles each) streaming
+      BLOCK_N = 64 keys; 3 pipeline stages of K/V tiles (3 * 2 * 64 * D * 2 bytes = 48 KiB at
+      D = 64). Short query sets (the 50-token encoders, the 49-query decoder) waste most of a
+      128-row block, so BLOCK_M drops to 64 when Nq <= 64; Nk <= 32 uses 32-key blocks.
+      D = 128 doubles the accumulator: 8 warps keep it in registers.
+    - backward: 64 x 64 blocks for both kernels. Each program holds two fp32 [64, D] accumulators
+      plus K and V (or Q and dO) tiles and three [64, 64] score-sized temporaries; larger blocks
+      spill registers at D = 128. 2 stages (the loop loads two tiles per step).
+    - the interpreter (CPU tests) uses 16 x 16 blocks so that small test shapes still run the
+      multi-block loops and the tail masking.
+    """
+    if _interpreting():
+        return dict(fwd=(16, 16, 4, 1), bwd=(16, 16, 4, 1))
+    fwd_m = 64 if n_q <= 64 else 128
+    fwd_n = 32 if n_k <= 32 else 64
+    fwd_warps = 8 if (head_dim == 128 and fwd_m == 128) else 4
+    fwd_stages = 2 if head_dim == 128 else 3
+    bwd_warps = 8 if head_dim == 128 else 4
+    return dict(fwd=(fwd_m, fwd_n, fwd_warps, fwd_stages), bwd=(64, 64, bwd_warps, 2))
+
+
+def _dot_precision(dtype):
+    # fp32 inputs (tests) use exact fp32 products; tf32 would cost ~1e-3 relative error.
+    if dtype == torch.bfloat16 and _interpreting():
+        return "upcast"
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _strides(t):
+    return tuple(t.stride())
+
+
+def _key_mask_args(key_mask, q):
+    """The mask as uint8 [B, Nk] plus key_end[b] = 1 + index of the sample's last valid key (0 if none)."""
+    if key_mask is None:
+        dummy = torch.zeros(1, dtype=torch.uint8, device=q.device)
+        return dummy, torch.zeros(1, dtype=torch.int32, device=q.device), 0
+    mask_u8 = key_mask.contiguous().view(torch.uint8)
+    n_k = key_mask.shape[1]
+    positions = torch.arange(1, n_k + 1, device=key_mask.device, dtype=torch.int32)
+    key_end = torch.where(key_mask, positions, 0).amax(dim=1).to(torch.int32).contiguous()
+    return mask_u8, key_end, mask_u8.stride(0)
+
+
+def _triton_forward(q, k, v, mask_u8, key_end, stride_mb, has_mask, scale):
+    B, H, n_q, D = q.shape
+    n_k = k.shape[2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)
+    block_m, block_n, warps, stages = _configs(n_q, n_k, D)["fwd"]
+    grid = (triton.cdiv(n_q, block_m), B * H)
+    _attn_fwd[grid](q, k, v, mask_u8, key_end, out, lse, scale * _LOG2E,
+                    *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+                    stride_mb, H, n_q, n_k,
+                    HAS_MASK=has_mask, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
+                    DOT_PRECISION=_dot_precision(q.dtype), INTERPRET=_interpreting(),
+                    num_warps=warps, num_stages=stages)
+    return out, lse
+
+
+def _triton_backward(do, q, k, v, out, lse, mask_u8, key_end, stride_mb, has_mask, scale):
+    B, H, n_q, D = q.shape
+    n_k = k.shape[2]
+    block_m, block_n, warps, stages = _configs(n_q, n_k, D)["bwd"]
+    delta = torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)
+    _attn_bwd_preprocess[(triton.cdiv(n_q, block_m), B * H)](
+        out, do, delta, *_strides(out), *_strides(do), H, n_q, HEAD_DIM=D, BLOCK_M=block_m)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    common = dict(HAS_MASK=has_mask, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
+                  DOT_PRECISION=_dot_precision(q.dtype), INTERPRET=_interpreting(),
+                    num_warps=warps, num_stages=stages)
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), stride_mb, H, n_q, n_k)
+    _attn_bwd_dkdv[(triton.cdiv(n_k, block_n), B * H)](
+        q, k, v, mask_u8, key_end, do, lse, delta, dk, dv, scale, scale * _LOG2E, *strides,
+        *_strides(dk), **common)
+    _attn_bwd_dq[(triton.cdiv(n_q, block_m), B * H)](
+        q, k, v, mask_u8, key_end, do, lse, delta, dq, scale, scale * _LOG2E, *strides,
+        *_strides(dq), **common)
+    return dq, dk, dv
+
+
+def _unit_last_stride(t):
+    """Any strides work (views of a fused qkv projection need no copy); a head dim that is not
+    contiguous would make every load a gather, so that case is copied once."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _MaskedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, key_mask, scale):
+        q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+        mask_u8, key_end, stride_mb = _key_mask_args(key_mask, q)
+        has_mask = key_mask is not None
+        out, lse = _triton_forward(q, k, v, mask_u8, key_end, stride_mb, has_mask, scale)
+        ctx.save_for_backward(q, k, v, out, lse, mask_u8, key_end)
+        ctx.scale, ctx.stride_mb, ctx.has_mask = scale, stride_mb, has_mask
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, mask_u8, key_end = ctx.saved_tensors
+        dout = _unit_last_stride(dout)
+        dq, dk, dv = _triton_backward(dout, q, k, v, out, lse, mask_u8, key_end,
+                                      ctx.stride_mb, ctx.has_mask, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+# ------------------------------------------------------------------------------------------------
+# Torch paths
+# ------------------------------------------------------------------------------------------------
+def _valid_samples(key_mask):
+    """Per sample: does it have at least one valid key? And a mask that never masks a whole sample.
+
+    Softmax over no keys is 0/0. Both torch paths attend to every key of such a sample instead
+    (finite everywhere, so no NaN reaches any gradient) and multiply its output by 0, which also
+    makes every gradient through it exactly 0."""
+    valid = key_mask.any(dim=1)
+    return valid, key_mask | ~valid[:, None]
+
+
+def attention_reference(q, k, v, key_mask=None, scale=None):
+    """The op in plain torch math, float32 (float64 inputs stay float64); output in q's dtype."""
+    _check_inputs(q, k, v, key_mask, "torch")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf, kf, vf = q.to(compute), k.to(compute), v.to(compute)
+    scores = (qf @ kf.transpose(-2, -1)) * scale                        # [B, H, Nq, Nk]
+    if key_mask is None:
+        return (scores.softmax(dim=-1) @ vf).to(q.dtype)
+    valid, safe_mask = _valid_samples(key_mask)
+    scores = scores.masked_fill(~safe_mask[:, None, None, :], float("-inf"))
+    out = scores.softmax(dim=-1) @ vf
+    return (out * valid[:, None, None, None].to(compute)).to(q.dtype)
+
+
+def _torch_attention(q, k, v, key_mask, scale):
+    """CPU path: SDPA with the boolean mask (broadcast over heads and queries)."""
+    if key_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    valid, safe_mask = _valid_samples(key_mask)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe_mask[:, None, None, :], scale=scale)
+    return out * valid[:, None, None, None].to(out.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Public API
+# ------------------------------------------------------------------------------------------------
+def _check_inputs(q, k, v, key_mask, backend):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have rank 4 [B, H, N, D], got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape [B, H, Nk, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q [B, H, Nq, D] and k/v [B, H, Nk, D] must agree on B, H and D, "
+                         f"got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        raise ValueError(f"Nq and Nk must be >= 1, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on the same device, got {q.device}, {k.device}, {v.device}")
+    if key_mask is not None:
+        if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool:
+            raise TypeError(f"key_mask must be a bool tensor [B, Nk] (True = attend), got "
+                            f"{getattr(key_mask, 'dtype', type(key_mask).__name__)}")
+        if tuple(key_mask.shape) != (q.shape[0], k.shape[2]):
+            raise ValueError(f"key_mask must have shape [B, Nk] = {(q.shape[0], k.shape[2])}, "
+                             f"got {tuple(key_mask.shape)}")
+        if key_mask.device != q.device:
+            raise ValueError(f"key_mask is on {key_mask.device} but q is on {q.device}")
+    if backend == "triton":
+        if q.shape[3] not in HEAD_DIMS:
+            raise ValueError(f"the triton backend supports head dims {HEAD_DIMS}, got D = {q.shape[3]}")
+        if q.dtype not in _TRITON_DTYPES:
+            raise TypeError(f"the triton backend supports fp16, bf16 and fp32, got {q.dtype}")
+        if q.device.type == "cpu" and not _interpreting():
+            raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
+                               "triton is imported; use backend='torch' (or 'auto') on the CPU")
+
+
+def masked_attention(q, k, v, key_mask=None, scale=None, backend="auto"):
+    """softmax(q k^T * scale, keys masked per sample) v -> [B, H, Nq, D] in q's dtype.
+
+    q [B, H, Nq, D]; k, v [B, H, Nk, D]; key_mask bool [B, Nk], True = attend (None = all keys);
+    scale defaults to D ** -0.5. Samples with no valid key return 0 and pass zero gradient.
+    backend: "auto" (triton on CUDA, torch elsewhere), "triton" or "torch"."""
+    if backend == "auto":
+        backend = "triton" if q.is_cuda else "torch"
+    _check_inputs(q, k, v, key_mask, backend)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if backend == "torch":
+        return _torch_attention(q, k, v, key_mask, scale)
+    return _MaskedAttention.apply(q, k, v, key_mask, scale)
