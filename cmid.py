@@ -1,0 +1,978 @@
+"""CMID: Contrastive Mask Image Distillation, in one file (Muhtar et al., IEEE TGRS 2023,
+arXiv 2304.09670; official code NJU-LHRS/official-CMID). Read top to bottom:
+args -> model -> masking -> losses -> teacher/EMA + optimiser -> schedules -> train loop ->
+evaluate -> visualize -> bench -> main.
+
+A student sees two masked views of an image; an EMA teacher sees the same two views unmasked.
+Three losses (paper section III):
+  * MIM: the student reconstructs the masked pixels (focal L1 + focal frequency loss);
+  * global: MoCo-v2 InfoNCE between the student's masked view and the teacher's other view;
+  * local: DINO-style self-distillation between feature-map cells of the two views that lie
+    closest in the original image.
+
+Launch:
+  python cmid.py                                     # demo: synthetic scenes, ViT-Tiny, 64 px, CPU
+  python cmid.py --data UCM --data-root ../shared/data --epochs 20 --batch-size 32
+  torchrun --standalone --nproc_per_node=8 cmid.py --data AID --data-root /datasets  # paper setup
+  python cmid.py --eval-only runs/cmid_UCM/checkpoint.pth --data UCM --data-root ../shared/data
+  python cmid.py --export runs/cmid_UCM/checkpoint.pth   # -> OUT/backbone.pth (torchvision names)
+  python cmid.py --visualize runs/cmid_UCM/checkpoint.pth --data UCM --data-root ../shared/data
+  python cmid.py --bench 20 --arch resnet50 --batch-size 64       # random tensors, images/s, MFU
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+
+CMID_MEAN = (0.338, 0.361, 0.335)   # the official code's remote-sensing statistics
+CMID_STD = (0.136, 0.135, 0.141)
+
+
+# ----------------------------------------------------------------------------------------- args
+def get_args_parser():
+    p = argparse.ArgumentParser("CMID", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None, help="AID | NWPU-RESISC45 | UCM | synthetic | folder-per-class "
+                   "path; omitted = small CPU demo on synthetic data")
+    g.add_argument("--data-root", default="./datasets", help="where the named datasets live")
+    g.add_argument("--synthetic-images", type=int, default=None, help="size of the synthetic dataset (1000; demo 500)")
+    g.add_argument("--img-size", type=int, default=None, help="images are resized to this, crops too (224; demo 64)")
+    g.add_argument("--workers", type=int, default=4, help="DataLoader workers")
+    g.add_argument("--cache", default=None, help="folder for the uint8 memmap cache (fast path)")
+    g.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of failing")
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default=None, choices=["resnet50", "vit_tiny", "vit_small", "vit_base"],
+                   help="backbone (resnet50; demo vit_tiny)")
+    g.add_argument("--patch-size", type=int, default=None, help="ViT patch size (16)")
+    g.add_argument("--attn", default="sdpa", choices=["sdpa", "triton"], help="ViT attention kernel")
+    g.add_argument("--proj-hidden", type=int, default=None, help="global projector hidden width (2048; demo 512)")
+    g.add_argument("--proj-dim", type=int, default=None, help="global projector output (256; demo 128)")
+    g.add_argument("--local-hidden", type=int, default=None, help="local head hidden width (2048; demo 512)")
+    g.add_argument("--local-bottleneck", type=int, default=None, help="local head bottleneck (256; demo 128)")
+    g.add_argument("--local-out", type=int, default=None, help="local head prototypes (2048; demo 512)")
+    g = p.add_argument_group("masking (section III-B)")
+    g.add_argument("--mask-ratio", type=float, default=0.6, help="fraction of grid cells masked (ceil: 30 of 49)")
+    g.add_argument("--mask-patch-size", type=int, default=None, help="mask cell size in pixels (32; demo 16)")
+    g = p.add_argument_group("losses (section III-C/D)")
+    g.add_argument("--w-mim", type=float, default=1.0, help="weight of the MIM loss")
+    g.add_argument("--w-global", type=float, default=1.0, help="weight of the global contrastive loss")
+    g.add_argument("--w-local", type=float, default=1.0, help="weight of the local distillation loss")
+    g.add_argument("--w-freq", type=float, default=1.0, help="weight of the focal frequency term inside MIM")
+    g.add_argument("--moco-temp", type=float, default=0.2, help="InfoNCE temperature")
+    g.add_argument("--queue-size", type=int, default=None, help="MoCo queue length (65536; demo 4096)")
+    g.add_argument("--local-pairs", type=int, default=20, help="closest cell pairs kept per image")
+    g.add_argument("--student-temp", type=float, default=0.1, help="local-loss student temperature")
+    g.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="initial teacher temperature")
+    g.add_argument("--teacher-temp", type=float, default=0.07, help="final teacher temperature")
+    g.add_argument("--warmup-teacher-temp-epochs", type=int, default=50, help="linear teacher-temp warm-up")
+    g.add_argument("--centre-momentum", type=float, default=0.9, help="EMA momentum of the local centre")
+    g.add_argument("--momentum-teacher", type=float, default=0.996, help="EMA momentum, cosine to 1")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--optimizer", default="adan", choices=["adan", "adamw"], help="Adan (official) or AdamW")
+    g.add_argument("--epochs", type=int, default=None, help="training epochs (200; demo 3)")
+    g.add_argument("--batch-size", type=int, default=None, help="batch per process (64; demo 32)")
+    g.add_argument("--lr", type=float, default=None, help="absolute peak lr (default blr * total batch / 256)")
+    g.add_argument("--blr", type=float, default=0.004, help="peak lr per 256 images")
+    g.add_argument("--weight-decay", type=float, default=0.02, help="decoupled weight decay (none on 1-D)")
+    g.add_argument("--warmup-epochs", type=int, default=None, help="linear warm-up from 1%% of peak (10; demo 1)")
+    g.add_argument("--min-lr", type=float, default=1e-6, help="lr at the end of the cosine")
+    g.add_argument("--clip-grad", type=float, default=0.0, help="global grad-norm clip (0 = off, as official)")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default=None, help="run folder (runs/cmid_<data>)")
+    g.add_argument("--resume", default=None, help="checkpoint path or 'auto' (OUT/checkpoint.pth)")
+    g.add_argument("--eval-only", default=None, metavar="CKPT", help="evaluate a checkpoint's teacher and exit")
+    g.add_argument("--export", default=None, metavar="CKPT", help="write OUT/backbone.pth and exit")
+    g.add_argument("--visualize", default=None, metavar="CKPT", help="write OUT/visualize.png and exit")
+    g.add_argument("--bench", type=int, default=0, metavar="STEPS", help="time STEPS steps on random tensors")
+    g.add_argument("--compile", action="store_true", help="torch.compile the student and teacher")
+    g.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"], help="autocast (bf16 on CUDA)")
+    g.add_argument("--seed", type=int, default=0, help="seed (offset by rank for augmentation)")
+    g.add_argument("--log-every", type=int, default=20, help="steps between log lines")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many global steps")
+    g.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    return p
+
+
+def resolve_args(args):
+    """Fill the None sentinels: the paper's settings with --data, the CPU demo without it."""
+    demo = args.data is None
+    paper = dict(synthetic_images=1000, img_size=224, arch="resnet50", patch_size=16, proj_hidden=2048,
+                 proj_dim=256, local_hidden=2048, local_bottleneck=256, local_out=2048,
+                 mask_patch_size=32, queue_size=65536, epochs=200, batch_size=64, warmup_epochs=10)
+    small = dict(synthetic_images=500, img_size=64, arch="vit_tiny", patch_size=16, proj_hidden=512,
+                 proj_dim=128, local_hidden=512, local_bottleneck=128, local_out=512,
+                 mask_patch_size=16, queue_size=4096, epochs=3, batch_size=32, warmup_epochs=1)
+    for k, v in (small if demo else paper).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.data = args.data or "synthetic"
+    args.out = args.out or f"runs/cmid_{Path(args.data).name}"
+    if args.amp is None:
+        args.amp = "bf16" if torch.cuda.is_available() else "none"
+    stride = 32 if args.arch == "resnet50" else args.patch_size
+    base = 4 if args.arch == "resnet50" else args.patch_size   # where the mask token is added
+    assert args.img_size % stride == 0 and args.img_size % args.mask_patch_size == 0, "img size vs strides"
+    assert args.mask_patch_size % base == 0, f"--mask-patch-size must be a multiple of {base}"
+    return args
+
+
+# ---------------------------------------------------------------------------------------- model
+class Bottleneck(nn.Module):
+    """torchvision's ResNet-50 block (stride on the 3x3 conv, 'v1.5'), same module names."""
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet50(nn.Module):
+    """ResNet-50 without fc; state_dict keys equal torchvision's (conv1, bn1, layer1..4)."""
+    stride, mask_stride, embed_dim = 32, 4, 2048
+
+    def __init__(self, layers=(3, 4, 6, 3)):
+        super().__init__()
+        self.inplanes = 64
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = self._make_layer(64, layers[0])
+        self.layer2 = self._make_layer(128, layers[1], 2)
+        self.layer3 = self._make_layer(256, layers[2], 2)
+        self.layer4 = self._make_layer(512, layers[3], 2)
+        self.mask_dim = 64
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def _make_layer(self, planes, blocks, stride=1):
+        down = None
+        if stride != 1 or self.inplanes != planes * 4:
+            down = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride, bias=False),
+                                 nn.BatchNorm2d(planes * 4))
+        layers = [Bottleneck(self.inplanes, planes, stride, down)]
+        self.inplanes = planes * 4
+        layers += [Bottleneck(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x, mask=None, mask_token=None):
+        """-> (global feature [B,2048] = GAP, feature map [B,2048,H/32,W/32])."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        if mask is not None:   # section III-B: learnable token added where masked (stem output)
+            x = x + mask_token.to(x.dtype) * mask.unsqueeze(1).to(x.dtype)
+        fmap = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return fmap.float().mean((2, 3)), fmap
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, patch, patch)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads, backend="sdpa"):
+        super().__init__()
+        self.heads, self.backend = heads, backend
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        if self.backend == "triton":   # lazy: the script imports even while the kernel is edited
+            from kernels.attention import masked_attention
+            x = masked_attention(q, k, v)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, heads, backend):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads, backend)
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, dim * 4)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """Plain ViT with timm's module names (patch_embed.proj, cls_token, pos_embed, blocks.i, norm)."""
+
+    def __init__(self, img_size, patch, dim, depth, heads, backend="sdpa"):
+        super().__init__()
+        self.stride = self.mask_stride = patch
+        self.embed_dim = self.mask_dim = dim
+        self.patch_embed = PatchEmbed(patch, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, 1 + (img_size // patch) ** 2, dim) * 0.02)
+        self.blocks = nn.ModuleList([Block(dim, heads, backend) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        nn.init.normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x, mask=None, mask_token=None):
+        """-> (global feature [B,D] = final-norm [CLS], patch-token map [B,D,H/p,W/p])."""
+        x = self.patch_embed.proj(x)                                   # [B,D,h,w]
+        if mask is not None:   # section III-B: learnable token added to masked patch embeddings
+            x = x + mask_token.to(x.dtype) * mask.unsqueeze(1).to(x.dtype)
+        B, D, h, w = x.shape
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x.flatten(2).transpose(1, 2)], 1) + self.pos_embed
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)
+        return x[:, 0].float(), x[:, 1:].transpose(1, 2).reshape(B, D, h, w)
+
+
+VIT_SIZES = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12)}
+
+
+def build_backbone(args):
+    if args.arch == "resnet50":
+        return ResNet50()
+    dim, depth, heads = VIT_SIZES[args.arch]
+    return VisionTransformer(args.img_size, args.patch_size, dim, depth, heads, args.attn)
+
+
+class GlobalProjector(nn.Module):
+    """Section III-C: GAP feature -> Linear-ReLU-Linear -> L2 (MoCo-v2 projector)."""
+
+    def __init__(self, dim, hidden, out):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out))
+
+    def forward(self, x):
+        return F.normalize(self.mlp(x.float()), dim=-1)
+
+
+class LocalHead(nn.Module):
+    """Section III-D: per-cell DINO head, Conv1d over the cells of the final feature map."""
+
+    def __init__(self, dim, hidden, bottleneck, out):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Conv1d(dim, hidden, 1), nn.BatchNorm1d(hidden), nn.GELU(),
+                                 nn.Conv1d(hidden, hidden, 1), nn.BatchNorm1d(hidden), nn.GELU(),
+                                 nn.Conv1d(hidden, bottleneck, 1))
+        self.last_layer = nn.utils.parametrizations.weight_norm(nn.Conv1d(bottleneck, out, 1, bias=False))
+        self.last_layer.parametrizations.weight.original0.data.fill_(1.0)   # DINO: norm fixed at 1
+        self.last_layer.parametrizations.weight.original0.requires_grad = False
+
+    def forward(self, fmap):                                        # [B,C,h,w] -> [B,out,h*w]
+        x = self.mlp(fmap.flatten(2).float())
+        return self.last_layer(F.normalize(x, dim=1))
+
+
+class Encoder(nn.Module):
+    """What student and teacher share (and the EMA averages): backbone + global and local heads."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.backbone = build_backbone(args)
+        C = self.backbone.embed_dim
+        self.projector = GlobalProjector(C, args.proj_hidden, args.proj_dim)
+        self.local_head = LocalHead(C, args.local_hidden, args.local_bottleneck, args.local_out)
+
+    def forward(self, x, mask=None, mask_token=None):
+        feat, fmap = self.backbone(x, mask, mask_token)
+        return self.projector(feat), self.local_head(fmap), fmap
+
+
+class Student(nn.Module):
+    """Encoder + the student-only parts: the mask token and the pixel MIM head (section III-B)."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.encoder = Encoder(args)
+        bb = self.encoder.backbone
+        self.mask_token = nn.Parameter(torch.zeros(1, bb.mask_dim, 1, 1))
+        s = bb.stride   # Conv1x1(C, 3*s*s) + PixelShuffle(s): one s x s RGB patch per map cell
+        self.mim_head = nn.Sequential(nn.Conv2d(bb.embed_dim, 3 * s * s, 1), nn.PixelShuffle(s))
+
+    def forward(self, x, mask):
+        """mask: bool [B,g,g] on the mask grid -> (global q, local logits, reconstruction)."""
+        r = x.shape[-1] // self.encoder.backbone.mask_stride // mask.shape[-1]
+        m = mask.repeat_interleave(r, 1).repeat_interleave(r, 2)   # grid -> token/stem resolution
+        q, loc, fmap = self.encoder(x, m, self.mask_token)
+        return q, loc, self.mim_head(fmap).float()
+
+
+# -------------------------------------------------------------------------------------- masking
+def random_grid_masks(batch, grid, ratio, device):
+    """Section III-B: per image, exactly ceil(ratio*grid^2) cells (30 of 49), uniform. -> bool [B,g,g]."""
+    n = grid * grid
+    n_mask = int(math.ceil(ratio * n))
+    ranks = torch.rand(batch, n, device=device).argsort(1).argsort(1)
+    return (ranks < n_mask).view(batch, grid, grid)
+
+
+def pixel_mask(mask, size):
+    """Cell mask [B,g,g] -> float pixel mask [B,1,size,size] (1 = masked)."""
+    r = size // mask.shape[-1]
+    return mask.repeat_interleave(r, 1).repeat_interleave(r, 2).unsqueeze(1).float()
+
+
+def mean_fill(images, mpix):
+    """Masked pixels take the image's per-channel mean (of the normalised view)."""
+    mean = images.mean((2, 3), keepdim=True)
+    return images * (1 - mpix) + mean * mpix
+
+
+# --------------------------------------------------------------------------------------- losses
+def focal_l1_loss(pred, target, mpix):
+    """Section III-B spatial term: |d| * (2 sigmoid(0.2|d|) - 1), mean over masked pixels."""
+    d = (pred - target).abs()
+    loss = d * (2 * torch.sigmoid(0.2 * d) - 1)
+    return (loss * mpix).sum() / (mpix.sum() * pred.shape[1]).clamp(min=1)
+
+
+def focal_frequency_loss(pred, target, mpix):
+    """Section III-B frequency term (Jiang et al. 2021, focal frequency loss, alpha 1, log weights).
+
+    The prediction's unmasked pixels are replaced by 0.5*sg(pred) + 0.5*x, so the spectrum compares
+    a full image; weight = log(1+|F(p)-F(x)|) / its per-image-channel max, without gradient."""
+    comp = pred * mpix + (0.5 * pred.detach() + 0.5 * target) * (1 - mpix)
+    diff = torch.fft.fft2(comp, norm="ortho") - torch.fft.fft2(target, norm="ortho")
+    dist2 = diff.real ** 2 + diff.imag ** 2
+    with torch.no_grad():
+        w = torch.log1p(dist2.sqrt())
+        w = w / w.amax((-2, -1), keepdim=True).clamp(min=1e-12)
+    return (w * dist2).mean()
+
+
+def mim_loss(pred, target, mpix, w_freq):
+    return focal_l1_loss(pred, target, mpix) + w_freq * focal_frequency_loss(pred, target, mpix)
+
+
+def infonce_loss(q, k, queue, temp):
+    """MoCo-v2 InfoNCE: positive = teacher key of the other view, negatives = the queue."""
+    pos = (q * k).sum(1, keepdim=True)
+    logits = torch.cat([pos, q @ queue.t()], 1) / temp
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+
+def cell_centres(boxes, hflip, grid):
+    """Centres of a view's grid x grid cells in ORIGINAL-image pixels -> [B, grid*grid, 2] (x, y).
+
+    boxes [B,4] = (x0,y0,x1,y1) of the crop in input pixels; a flipped view's column c shows the
+    crop's column grid-1-c. (The official code matched fractional offsets; this uses real boxes.)"""
+    t = (torch.arange(grid, device=boxes.device, dtype=torch.float32) + 0.5) / grid
+    v, u = torch.meshgrid(t, t, indexing="ij")                       # row fraction, column fraction
+    u, v = u.reshape(1, -1), v.reshape(1, -1)
+    u = torch.where(hflip.view(-1, 1), 1 - u, u)
+    x = boxes[:, :1] + u * (boxes[:, 2:3] - boxes[:, :1])
+    y = boxes[:, 1:2] + v * (boxes[:, 3:4] - boxes[:, 1:2])
+    return torch.stack([x, y], -1)
+
+
+def match_cells(boxes1, hflip1, boxes2, hflip2, grid, k):
+    """Section III-D: the k (view-1 cell, view-2 cell) pairs with the closest centres. -> [B,k] x 2."""
+    c1, c2 = cell_centres(boxes1, hflip1, grid), cell_centres(boxes2, hflip2, grid)
+    d = torch.cdist(c1, c2)                                           # [B, N, N]
+    idx = d.flatten(1).topk(min(k, d[0].numel()), dim=1, largest=False).indices
+    return idx // d.shape[2], idx % d.shape[2]
+
+
+def local_distill_loss(s, t, centre, student_temp, teacher_temp):
+    """DINO cross-entropy over matched cells: s, t [B, out, P]; centre [1, out, 1]."""
+    tp = F.softmax((t - centre) / teacher_temp, dim=1)
+    return -(tp * F.log_softmax(s / student_temp, dim=1)).sum(1).mean()
+
+
+class MethodState(nn.Module):
+    """The MoCo key queue (ring buffer) and the local-loss centre: saved in every checkpoint."""
+
+    def __init__(self, queue_size, key_dim, local_out, seed):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)   # identical on all ranks
+        self.register_buffer("queue", F.normalize(torch.randn(queue_size, key_dim, generator=g), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("centre", torch.zeros(1, local_out, 1))
+
+    @torch.no_grad()
+    def enqueue(self, keys):
+        """keys [n, D] (already gathered from all ranks, each key once): overwrite the oldest."""
+        K = self.queue.shape[0]
+        if keys.shape[0] > K:
+            self.queue_ptr.add_(keys.shape[0] - K).remainder_(K)
+            keys = keys[-K:]
+        idx = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % K
+        self.queue[idx] = keys.to(self.queue.dtype)
+        self.queue_ptr.add_(keys.shape[0]).remainder_(K)
+
+    @torch.no_grad()
+    def update_centre(self, t, momentum):
+        """t [B, out, N] teacher local logits; mean over images and cells, all ranks."""
+        mean = t.float().mean((0, 2)).view(1, -1, 1)
+        if dist.is_initialized():
+            dist.all_reduce(mean)
+            mean /= dist.get_world_size()
+        self.centre.mul_(momentum).add_(mean, alpha=1 - momentum)
+
+
+def gather_keys(k):
+    """One all-gather per step of the (already concatenated) keys of both views."""
+    if not dist.is_initialized():
+        return k
+    out = [torch.empty_like(k) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, k.contiguous())
+    return torch.cat(out)
+
+
+def cmid_step_losses(student, teacher, state, v1, v2, p1, p2, masks, teacher_temp, args):
+    """All CMID losses for one batch of two views. -> (dict of losses, keys, teacher local logits)."""
+    S = v1.shape[-1]
+    mp = [pixel_mask(m, S) for m in masks]
+    with torch.no_grad():   # teacher: both views, unmasked
+        k1, t1, _ = teacher(v1)
+        k2, t2, fmap = teacher(v2)
+    q1, s1, r1 = student(mean_fill(v1, mp[0]), masks[0])
+    q2, s2, r2 = student(mean_fill(v2, mp[1]), masks[1])
+    l_mim = 0.5 * (mim_loss(r1, v1, mp[0], args.w_freq) + mim_loss(r2, v2, mp[1], args.w_freq))
+    queue = state.queue.clone()
+    l_global = 0.5 * (infonce_loss(q1, k2, queue, args.moco_temp) + infonce_loss(q2, k1, queue, args.moco_temp))
+    i1, i2 = match_cells(p1["boxes"], p1["hflip"], p2["boxes"], p2["hflip"], fmap.shape[-1], args.local_pairs)
+    pick = lambda x, i: x.gather(2, i.unsqueeze(1).expand(-1, x.shape[1], -1))
+    c = state.centre
+    l_local = 0.5 * (local_distill_loss(pick(s1, i1), pick(t2, i2), c, args.student_temp, teacher_temp)
+                     + local_distill_loss(pick(s2, i2), pick(t1, i1), c, args.student_temp, teacher_temp))
+    total = args.w_mim * l_mim + args.w_global * l_global + args.w_local * l_local
+    losses = {"loss": total, "mim": l_mim, "global": l_global, "local": l_local}
+    return losses, torch.cat([k1, k2]).detach(), torch.cat([t1, t2]).detach()
+
+
+# ------------------------------------------------------------------------ teacher / optimiser
+@torch.no_grad()
+def ema_update(student_encoder, teacher, m):
+    """Teacher <- m * teacher + (1-m) * student over backbone + projector + local head params."""
+    sp = [p for p in student_encoder.parameters()]
+    tp = [p for p in teacher.parameters()]
+    torch._foreach_mul_(tp, m)
+    torch._foreach_add_(tp, sp, alpha=1 - m)
+
+
+class Adan(torch.optim.Optimizer):
+    """Adan (Xie et al. 2022, arXiv 2208.06677, Alg. 1) with decoupled weight decay ('no_prox').
+
+    g_k gradient, d_k = g_k - g_{k-1} (0 at the first step):
+      m_k = b1 m + (1-b1) g_k;  v_k = b2 v + (1-b2) d_k;  n_k = b3 n + (1-b3) (g_k + b2 d_k)^2
+      u_k = (m_k/(1-b1^k) + b2 v_k/(1-b2^k)) / (sqrt(n_k/(1-b3^k)) + eps)
+      theta <- theta (1 - lr wd) - lr u_k
+    (betas written as the official code's 0.98/0.92/0.99, i.e. 1 - the paper's beta.)"""
+
+    def __init__(self, params, lr=1e-3, betas=(0.98, 0.92, 0.99), eps=1e-8, weight_decay=0.02):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            b1, b2, b3 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g, st = p.grad.float(), self.state[p]
+                if not st:
+                    st["step"] = 0
+                    for name in ("m", "v", "n"):
+                        st[name] = torch.zeros_like(p, dtype=torch.float32)
+                    st["prev_grad"] = g.clone()
+                st["step"] += 1
+                k = st["step"]
+                d = g - st["prev_grad"]
+                st["m"].mul_(b1).add_(g, alpha=1 - b1)
+                st["v"].mul_(b2).add_(d, alpha=1 - b2)
+                st["n"].mul_(b3).addcmul_(g + b2 * d, g + b2 * d, value=1 - b3)
+                denom = (st["n"] / (1 - b3 ** k)).sqrt_().add_(group["eps"])
+                update = (st["m"] / (1 - b1 ** k) + b2 * st["v"] / (1 - b2 ** k)) / denom
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-group["lr"])
+                st["prev_grad"].copy_(g)
+
+
+def param_groups(model, weight_decay):
+    """Weight decay only on weights of 2+ dims (not biases, norms, tokens, position embeddings)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or any(s in name for s in ("mask_token", "cls_token", "pos_embed"))
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model, args):
+    groups = param_groups(model, args.weight_decay)
+    if args.optimizer == "adan":
+        return Adan(groups, lr=args.lr)
+    fused = {"fused": True} if torch.cuda.is_available() else {}
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), **fused)
+
+
+# ------------------------------------------------------------------------------------ schedules
+def cosine_schedule(base, final, epochs, steps_per_epoch, warmup_epochs=0, warmup_start=0.0):
+    """Per-step array: linear warm-up from warmup_start to base, then cosine from base to final."""
+    warm = np.linspace(warmup_start, base, warmup_epochs * steps_per_epoch, endpoint=False)
+    n = epochs * steps_per_epoch - len(warm)
+    cos = final + 0.5 * (base - final) * (1 + np.cos(np.pi * np.arange(n) / max(1, n)))
+    return np.concatenate([warm, cos])
+
+
+def teacher_temp_schedule(args, steps_per_epoch):
+    warm = np.linspace(args.warmup_teacher_temp, args.teacher_temp, args.warmup_teacher_temp_epochs * steps_per_epoch)
+    rest = np.full(max(0, args.epochs * steps_per_epoch - len(warm)), args.teacher_temp)
+    return np.concatenate([warm, rest])[: args.epochs * steps_per_epoch]
+
+
+# ----------------------------------------------------------------------------------- train loop
+def setup_distributed():
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    if torch.cuda.is_available():
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(dev)
+        return dev
+    return torch.device("cpu")
+
+
+def seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_views(args, device):
+    """Section III-A: both views RRC(0.3-1) + hflip; view 2 adds jitter, blur, noise, solarise, gray."""
+    common = dict(scale=(0.3, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, mean=CMID_MEAN, std=CMID_STD)
+    aug1 = data.BatchAugment(args.img_size, jitter_p=0.0, gray_p=0.0, blur_p=0.0, **common)
+    aug2 = data.BatchAugment(args.img_size, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2,
+                             blur_p=1.0, blur_sigma=(0.1, 2.0), noise_p=0.6, solarize_p=0.2, **common)
+    return aug1.to(device), aug2.to(device)
+
+
+def build_models(args, device, world):
+    torch.manual_seed(args.seed)   # same initial weights on every rank
+    student = Student(args)
+    teacher = copy.deepcopy(student.encoder)
+    state = MethodState(args.queue_size, args.proj_dim, args.local_out, args.seed)
+    if world > 1 and args.arch == "resnet50" and device.type == "cuda":
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+    if args.arch == "resnet50" and device.type == "cuda":
+        student, teacher = student.to(memory_format=torch.channels_last), teacher.to(memory_format=torch.channels_last)
+    for p in teacher.parameters():
+        p.requires_grad = False
+    return student.to(device), teacher.to(device), state.to(device)
+
+
+def autocast(args, device):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def train_step(student, teacher, state, optimizer, scaler, images, aug, sched, step, args, device):
+    """One optimisation step on a uint8 batch; returns the (device) loss dict, no host sync."""
+    for g in optimizer.param_groups:
+        g["lr"] = sched["lr"][step]
+    x = images.to(device, non_blocking=True)
+    v1, p1 = aug[0](x)
+    v2, p2 = aug[1](x)
+    if args.arch == "resnet50" and device.type == "cuda":
+        v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
+    grid = args.img_size // args.mask_patch_size
+    masks = [random_grid_masks(x.shape[0], grid, args.mask_ratio, device) for _ in range(2)]
+    with autocast(args, device):
+        losses, keys, t_local = cmid_step_losses(student, teacher, state, v1, v2, p1, p2, masks,
+                                                 sched["teacher_temp"][step], args)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(losses["loss"]).backward()
+    if args.clip_grad > 0:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(student.parameters(), args.clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    enc = student.module.encoder if hasattr(student, "module") else student.encoder
+    ema_update(enc, teacher, sched["momentum"][step])
+    state.enqueue(gather_keys(F.normalize(keys.float(), dim=1)))
+    state.update_centre(t_local, args.centre_momentum)
+    return {k: v.detach() for k, v in losses.items()}
+
+
+def rng_states():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_states(s):
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_checkpoint(path, **obj):
+    tmp = str(path) + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def unwrap(m):
+    m = getattr(m, "_orig_mod", m)
+    return getattr(m, "module", m)
+
+
+def train(args, device, rank, world):
+    out = Path(args.out)
+    loader = data.build_loader(args.data, args.data_root, "train", size=args.img_size, batch_size=args.batch_size,
+                               shuffle=True, drop_last=True, seed=args.seed, workers=args.workers, cache=args.cache,
+                               synthetic_images=args.synthetic_images, skip_bad=args.skip_bad)
+    steps_per_epoch, total_steps = len(loader), len(loader) * args.epochs
+    if args.lr is None:
+        args.lr = args.blr * args.batch_size * world / 256
+    student, teacher, state = build_models(args, device, world)
+    optimizer = build_optimizer(student, args)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    sched = {"lr": cosine_schedule(args.lr, args.min_lr, args.epochs, steps_per_epoch, args.warmup_epochs,
+                                   0.01 * args.lr),
+             "momentum": cosine_schedule(args.momentum_teacher, 1.0, args.epochs, steps_per_epoch),
+             "teacher_temp": teacher_temp_schedule(args, steps_per_epoch)}
+    start_epoch, start_step, sums, rng = 0, 0, None, None
+    ckpt_path = out / "checkpoint.pth"
+    resume = ckpt_path if args.resume == "auto" else args.resume
+    if resume and Path(resume).is_file():
+        ck = torch.load(resume, map_location="cpu", weights_only=False)
+        student.load_state_dict(ck["student"])
+        teacher.load_state_dict(ck["teacher"])
+        state.load_state_dict(ck["state"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scaler.load_state_dict(ck["scaler"])
+        start_epoch, start_step, sums, rng = ck["epoch"], ck["step_in_epoch"], ck["epoch_sums"], ck["rng"][rank]
+        if start_step >= steps_per_epoch:
+            start_epoch, start_step, sums = start_epoch + 1, 0, None
+        if rank == 0:
+            print(f"resumed from {resume}: epoch {start_epoch} step {start_step}")
+    if world > 1:
+        student = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        student, teacher = torch.compile(student), torch.compile(teacher)
+    seed_all(args.seed + rank)
+    if rng is not None:
+        set_rng_states(rng)
+    aug = build_views(args, device)
+
+    def checkpoint(epoch, step_in_epoch, epoch_sums):
+        states = rng_states()
+        if world > 1:   # every rank's RNG, so each resumes its own stream
+            gathered = [None] * world
+            dist.all_gather_object(gathered, states)
+            states = gathered
+        else:
+            states = [states]
+        if rank == 0:
+            save_checkpoint(ckpt_path, student=unwrap(student).state_dict(), teacher=unwrap(teacher).state_dict(),
+                            state=state.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                            epoch=epoch, step_in_epoch=step_in_epoch, global_step=epoch * steps_per_epoch + step_in_epoch,
+                            epoch_sums=epoch_sums, args=vars(args), rng=states)
+
+    names = ["loss", "mim", "global", "local"]
+    stopped = False
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch)
+        with torch.random.fork_rng(devices=[]):   # building the iterator must not move the global RNG
+            it = iter(loader)
+        if sums is None:
+            sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)   # + count
+        sums = sums.to(device)
+        t0, n_img = time.time(), 0
+        for i in range(steps_per_epoch):
+            images, _ = next(it)
+            if epoch == start_epoch and i < start_step:
+                continue   # mid-epoch resume: replay the sampler order, skip finished steps
+            step = epoch * steps_per_epoch + i
+            losses = train_step(student, teacher, state, optimizer, scaler, images, aug, sched, step, args, device)
+            sums += torch.stack([losses[k].double() for k in names] + [torch.ones((), dtype=torch.float64, device=device)])
+            n_img += images.shape[0] * world
+            if (i + 1) % args.log_every == 0 or i + 1 == steps_per_epoch:
+                vals = torch.stack([losses[k].float() for k in names])
+                if world > 1:
+                    dist.all_reduce(vals)
+                    vals /= world
+                dt = time.time() - t0
+                eta = dt / max(1, i + 1 - (start_step if epoch == start_epoch else 0)) * (total_steps - step - 1)
+                if rank == 0:
+                    terms = " ".join(f"{k} {v:.4f}" for k, v in zip(names, vals.tolist()))
+                    print(f"epoch {epoch + 1}/{args.epochs} step {i + 1}/{steps_per_epoch} {terms} "
+                          f"lr {sched['lr'][step]:.2e} img/s {n_img / dt:.1f} eta {eta / 60:.1f} min", flush=True)
+            if args.max_steps is not None and step + 1 >= args.max_steps:
+                checkpoint(epoch, i + 1, sums.cpu())
+                stopped = True
+                break
+        if stopped:
+            if rank == 0:
+                print(f"stopped at --max-steps {args.max_steps}; checkpoint saved")
+            if i + 1 < steps_per_epoch:
+                break
+        total = sums.clone()
+        if world > 1:
+            dist.all_reduce(total)
+        record = {"epoch": epoch + 1, **{k: (total[j] / total[-1]).item() for j, k in enumerate(names)},
+                  "lr": float(sched["lr"][min(step, total_steps - 1)]), "time_s": round(time.time() - t0, 2)}
+        if not stopped:
+            checkpoint(epoch, steps_per_epoch, None)
+        if rank == 0:
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        sums = None
+        if stopped:
+            break
+    return unwrap(teacher), unwrap(student)
+
+
+# ------------------------------------------------------------------------------------- evaluate
+@torch.no_grad()
+def extract_features(backbone, loader, device, args):
+    """Frozen backbone -> L2-normalised global features (ResNet GAP, ViT final-norm [CLS])."""
+    backbone.eval()
+    feats, labels = [], []
+    for images, y in loader:
+        x = data.normalize(images.to(device), CMID_MEAN, CMID_STD)
+        if args.arch == "resnet50" and device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(args, device):
+            f, _ = backbone(x)
+        feats.append(F.normalize(f.float(), dim=1).cpu())
+        labels.append(y)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def linear_probe(xtr, ytr, xte, yte, n_classes, weight_decay=1e-4, iters=300):
+    """Softmax regression on L2-normalised features, full-batch L-BFGS, fixed hyper-parameters
+    (L2 penalty 1e-4 * |W|^2, 300 iterations, strong-Wolfe line search); never tuned on test."""
+    W = torch.zeros(xtr.shape[1], n_classes, requires_grad=True)
+    b = torch.zeros(n_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=iters, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(xtr @ W + b, ytr) + weight_decay * (W ** 2).sum()
+        loss.backward()
+        return loss
+    with torch.enable_grad():
+        opt.step(closure)
+    return 100.0 * ((xte @ W + b).argmax(1) == yte).float().mean().item()
+
+
+def knn_classify(xtr, ytr, xte, yte, n_classes, k=20, temp=0.07):
+    """Weighted k-NN (DINO): cosine similarity, votes exp(sim / T) of the k nearest."""
+    correct = 0
+    for i in range(0, len(xte), 512):
+        sim, idx = (xte[i:i + 512] @ xtr.t()).topk(min(k, len(xtr)), dim=1)
+        votes = torch.zeros(len(sim), n_classes).scatter_add_(1, ytr[idx], (sim / temp).exp())
+        correct += (votes.argmax(1) == yte[i:i + 512]).sum().item()
+    return 100.0 * correct / len(xte)
+
+
+def evaluate(backbone, args, device):
+    """linear@1%, linear@100%, kNN for the trained teacher backbone and a random-init floor."""
+    def loader(split):
+        return data.build_loader(args.data, args.data_root, split, size=args.img_size, batch_size=args.batch_size,
+                                 shuffle=False, drop_last=False, seed=args.seed, workers=args.workers,
+                                 cache=args.cache, synthetic_images=args.synthetic_images,
+                                 skip_bad=args.skip_bad, distributed=False)
+    loaders = {s: loader(s) for s in ("train", "train1", "test")}
+    n_classes = len(loaders["test"].dataset.classes)
+    torch.manual_seed(args.seed + 12345)
+    models = {"cmid": backbone, "random init": build_backbone(args).to(device)}
+    results = {}
+    for name, model in models.items():
+        f = {s: extract_features(model, ld, device, args) for s, ld in loaders.items()}
+        (xtr, ytr), (x1, y1), (xte, yte) = f["train"], f["train1"], f["test"]
+        results[name] = {"linear@1%": linear_probe(x1, y1, xte, yte, n_classes),
+                         "linear@100%": linear_probe(xtr, ytr, xte, yte, n_classes),
+                         "knn": knn_classify(xtr, ytr, xte, yte, n_classes)}
+    print(f"\nevaluation on {args.data} ({len(loaders['train1'].dataset)} / {len(loaders['train'].dataset)} "
+          f"train, {len(loaders['test'].dataset)} test images), top-1 %")
+    print(f"{'model':<14}{'linear@1%':>11}{'linear@100%':>13}{'knn':>8}")
+    for name, r in results.items():
+        print(f"{name:<14}{r['linear@1%']:>11.2f}{r['linear@100%']:>13.2f}{r['knn']:>8.2f}")
+    with open(Path(args.out) / "eval.json", "w") as f:
+        json.dump(results, f, indent=1)
+    return results
+
+
+# ------------------------------------------------------------------------------------ visualize
+MODEL_KEYS = ("arch", "patch_size", "img_size", "proj_hidden", "proj_dim", "local_hidden", "local_bottleneck",
+              "local_out", "mask_patch_size", "mask_ratio", "queue_size")
+
+
+def load_checkpoint(path, args):
+    """-> (checkpoint, args whose model-defining fields come from the checkpoint)."""
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    margs = argparse.Namespace(**{**vars(args), **{k: ck["args"][k] for k in MODEL_KEYS}})
+    return ck, margs
+
+
+@torch.no_grad()
+def visualize(path, args, device, n=8):
+    """PNG grid, one row per image: view | masked input | reconstruction | reconstruction pasted."""
+    from PIL import Image
+    ck, margs = load_checkpoint(path, args)
+    student = Student(margs)
+    student.load_state_dict(ck["student"])
+    student.to(device).eval()
+    ld = data.build_loader(args.data, args.data_root, "test", size=margs.img_size, batch_size=n, shuffle=False,
+                           drop_last=False, seed=args.seed, workers=0, synthetic_images=args.synthetic_images,
+                           distributed=False)
+    images, _ = next(iter(ld))
+    torch.manual_seed(args.seed)
+    v, _ = build_views(margs, device)[0](images.to(device))
+    mask = random_grid_masks(len(v), margs.img_size // margs.mask_patch_size, margs.mask_ratio, device)
+    mp = pixel_mask(mask, margs.img_size)
+    masked = mean_fill(v, mp)
+    _, _, rec = student(masked, mask)
+    cols = [v, masked, rec, rec * mp + v * (1 - mp)]
+    mean, std = torch.tensor(CMID_MEAN, device=device).view(1, 3, 1, 1), torch.tensor(CMID_STD, device=device).view(1, 3, 1, 1)
+    tiles = [((c * std + mean).clamp(0, 1) * 255).byte().permute(0, 2, 3, 1).cpu().numpy() for c in cols]
+    grid = np.concatenate([np.concatenate(list(t), 0) for t in tiles], 1)   # rows: images, columns: kinds
+    out = Path(args.out) / "visualize.png"
+    Image.fromarray(grid).save(out)
+    print(f"wrote {out} (columns: view, masked input, reconstruction, reconstruction in the masked cells)")
+
+
+# ---------------------------------------------------------------------------------------- bench
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
+
+
+def bench(args, device, rank, world):
+    """--bench N: N training steps on random uint8 images of the real shape, after 3 warm-up steps."""
+    from torch.utils.flop_counter import FlopCounterMode
+    if args.lr is None:
+        args.lr = args.blr * args.batch_size * world / 256
+    student, teacher, state = build_models(args, device, world)
+    if world > 1:
+        student = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        student, teacher = torch.compile(student), torch.compile(teacher)
+    optimizer = build_optimizer(student, args)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    n = args.bench + 4
+    sched = {"lr": np.full(n, args.lr), "momentum": np.full(n, 0.996), "teacher_temp": np.full(n, 0.04)}
+    aug = build_views(args, device)
+    images = torch.randint(0, 256, (args.batch_size, 3, args.img_size, args.img_size), dtype=torch.uint8, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with FlopCounterMode(display=False) as fc:   # model FLOPs of one step (forward + backward)
+        train_step(student, teacher, state, optimizer, scaler, images, aug, sched, 0, args, device)
+    flops = fc.get_total_flops()
+    for s in range(1, 3):
+        train_step(student, teacher, state, optimizer, scaler, images, aug, sched, s, args, device)
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    for s in range(3, 3 + args.bench):
+        train_step(student, teacher, state, optimizer, scaler, images, aug, sched, s, args, device)
+    sync()
+    step_s = (time.time() - t0) / args.bench
+    line = (f"bench {args.arch} img {args.img_size} batch {args.batch_size}x{world} amp {args.amp} "
+            f"compile {args.compile}: {args.batch_size * world / step_s:.1f} images/s, step {1000 * step_s:.1f} ms, "
+            f"{flops / args.batch_size / 1e9:.2f} GFLOP/image")
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+        line += f", peak mem {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+        line += f", MFU {100 * flops / step_s / peak:.1f}% of {name}" if peak else f", MFU n/a ({name})"
+    if rank == 0:
+        print(line)
+    return step_s
+
+
+# ----------------------------------------------------------------------------------------- main
+def export(path, args):
+    """Teacher backbone weights under torchvision ResNet / timm ViT key names -> OUT/backbone.pth."""
+    ck, _ = load_checkpoint(path, args)
+    sd = {k[len("backbone."):]: v for k, v in ck["teacher"].items() if k.startswith("backbone.")}
+    out = Path(args.out) / "backbone.pth"
+    torch.save(sd, out)
+    print(f"wrote {out}: {len(sd)} tensors ({ck['args']['arch']}, teacher)")
+    return sd
+
+
+def main(argv=None):
+    args = resolve_args(get_args_parser().parse_args(argv))
+    device = setup_distributed()
+    rank, world = data.rank(), data.world_size()
+    if args.lr is None:
+        args.lr = args.blr * args.batch_size * world / 256   # linear scaling rule, section IV-A
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        with open(Path(args.out) / "args.json", "w") as f:
+            json.dump(vars(args), f, indent=1)
+    if args.export:
+        export(args.export, args) if rank == 0 else None
+    elif args.eval_only:
+        if rank == 0:
+            ck, margs = load_checkpoint(args.eval_only, args)
+            enc = Encoder(margs)
+            enc.load_state_dict(ck["teacher"])
+            evaluate(enc.backbone.to(device), margs, device)
+    elif args.visualize:
+        visualize(args.visualize, args, device) if rank == 0 else None
+    elif args.bench:
+        bench(args, device, rank, world)
+    else:
+        t0 = time.time()
+        teacher, _ = train(args, device, rank, world)
+        if rank == 0:
+            print(f"training took {(time.time() - t0) / 60:.2f} min")
+            if not args.no_eval:
+                evaluate(teacher.backbone, args, device)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
