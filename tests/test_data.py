@@ -362,3 +362,32 @@ def test_real_ucm_images(ucm_root):
     images, labels = next(iter(loader))
     assert images.shape == (21, 3, 64, 64) and sorted(labels.tolist()) == list(range(21))
     assert images.float().std() > 10
+
+
+TORCHRUN_SCRIPT = '''
+import json, os, sys
+sys.path.insert(0, os.getcwd())
+import torch, torch.distributed as dist
+import data
+dist.init_process_group("gloo")
+loader = data.build_loader("synthetic", None, "all", size=16, batch_size=4, shuffle=True,
+                           drop_last=False, workers=0, synthetic_images=40, cache=sys.argv[1])
+loader.sampler.set_epoch(1)
+seen = [i for batch in loader.sampler for i in batch]
+pixels = int(sum(images.sum() for images, _ in loader))
+with open(os.path.join(sys.argv[1], f"rank{data.rank()}.json"), "w") as f:
+    json.dump({"world": data.world_size(), "seen": seen, "pixels": pixels}, f)
+dist.destroy_process_group()
+'''
+
+
+def test_torchrun_shards_and_builds_the_cache_once(tmp_path, run_torchrun):
+    script = tmp_path / "shard.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    cache = tmp_path / "cache"
+    proc = run_torchrun(2, script, cache, timeout=240)
+    assert (proc.stdout + proc.stderr).count("building the cache") == 1       # local rank 0 only
+    ranks = [json.loads((cache / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world"] == 2 and len(r["seen"]) == 20 and r["pixels"] > 0 for r in ranks)
+    assert sorted(ranks[0]["seen"] + ranks[1]["seen"]) == list(range(40))
+    assert sorted(p.name for p in cache.glob("synthetic*")) == ["synthetic-n40-seed0_16.json", "synthetic-n40-seed0_16.u8"]
