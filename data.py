@@ -106,12 +106,12 @@ def build_dataset(name_or_path, root="./datasets", split="all", transform=None, 
         return SyntheticScenes(synthetic_images, img_size, seed, split, transform)
     known = {key.lower(): key for key in DATASETS}
     if name.lower() in known:
-        name = known[name.lower()]
+        name, root = known[name.lower()], Path(root or "./datasets").expanduser()
         sub, n_classes = DATASETS[name]
-        folder = Path(root).expanduser() / sub
+        folder = root / sub
         if not folder.is_dir():
             raise DataError(f"{name} not found: looked for {folder.resolve()} - "
-                            f"{_layout_help(Path(root).resolve(), sub)}; set --data-root")
+                            f"{_layout_help(root.resolve(), sub)}; set --data-root")
     else:
         folder, n_classes = Path(name).expanduser(), None
         if not folder.is_dir():
@@ -173,15 +173,22 @@ def scan_folder_tree(folder, skip_bad=False):
     return classes, samples, labels
 
 
+_READABLE = {}   # (path, bytes, mtime) -> decodes?  so each split's build_dataset checks a file once
+
+
 def _readable(folder, rel_paths):
     """Which files decode fully (threads: PIL releases the GIL while decoding)."""
     def ok(rel):
-        try:
-            load_rgb(folder / rel)
-            return True
-        except DataError as error:
-            _warn(f"skip_bad: skipping {error}")
-            return False
+        stat = (folder / rel).stat()
+        key = (str(folder / rel), stat.st_size, stat.st_mtime_ns)
+        if key not in _READABLE:
+            try:
+                load_rgb(folder / rel)
+                _READABLE[key] = True
+            except DataError as error:
+                _warn(f"skip_bad: skipping {error}")
+                _READABLE[key] = False
+        return _READABLE[key]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         return list(pool.map(ok, rel_paths))
 
