@@ -25,8 +25,8 @@ import json
 import math
 import os
 import random
-import sys
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +90,6 @@ def get_args_parser():
     g.add_argument("--weight-decay", type=float, default=0.02, help="decoupled weight decay (none on 1-D)")
     g.add_argument("--warmup-epochs", type=int, default=None, help="linear warm-up from 1%% of peak (10; demo 1)")
     g.add_argument("--min-lr", type=float, default=1e-6, help="lr at the end of the cosine")
-    g.add_argument("--clip-grad", type=float, default=0.0, help="global grad-norm clip (0 = off, as official)")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="run folder (runs/cmid_<data>)")
     g.add_argument("--resume", default=None, help="checkpoint path or 'auto' (OUT/checkpoint.pth)")
@@ -133,7 +132,6 @@ def resolve_args(args):
 # ---------------------------------------------------------------------------------------- model
 class Bottleneck(nn.Module):
     """torchvision's ResNet-50 block (stride on the 3x3 conv, 'v1.5'), same module names."""
-    expansion = 4
 
     def __init__(self, inplanes, planes, stride=1, downsample=None):
         super().__init__()
@@ -155,7 +153,7 @@ class Bottleneck(nn.Module):
 
 class ResNet50(nn.Module):
     """ResNet-50 without fc; state_dict keys equal torchvision's (conv1, bn1, layer1..4)."""
-    stride, mask_stride, embed_dim = 32, 4, 2048
+    stride, mask_stride, embed_dim, mask_dim = 32, 4, 2048, 64   # mask token: 64-ch stem output
 
     def __init__(self, layers=(3, 4, 6, 3)):
         super().__init__()
@@ -168,7 +166,6 @@ class ResNet50(nn.Module):
         self.layer2 = self._make_layer(128, layers[1], 2)
         self.layer3 = self._make_layer(256, layers[2], 2)
         self.layer4 = self._make_layer(512, layers[3], 2)
-        self.mask_dim = 64
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -192,12 +189,6 @@ class ResNet50(nn.Module):
         return fmap.float().mean((2, 3)), fmap
 
 
-class PatchEmbed(nn.Module):
-    def __init__(self, patch, dim):
-        super().__init__()
-        self.proj = nn.Conv2d(3, dim, patch, patch)
-
-
 class Attention(nn.Module):
     def __init__(self, dim, heads, backend="sdpa"):
         super().__init__()
@@ -216,20 +207,12 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class Block(nn.Module):
     def __init__(self, dim, heads, backend):
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads, backend)
-        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, dim * 4)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, 4 * dim), act=nn.GELU(), fc2=nn.Linear(4 * dim, dim)))
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
@@ -243,7 +226,7 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.stride = self.mask_stride = patch
         self.embed_dim = self.mask_dim = dim
-        self.patch_embed = PatchEmbed(patch, dim)
+        self.patch_embed = nn.Sequential(OrderedDict(proj=nn.Conv2d(3, dim, patch, patch)))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.randn(1, 1 + (img_size // patch) ** 2, dim) * 0.02)
         self.blocks = nn.ModuleList([Block(dim, heads, backend) for _ in range(depth)])
@@ -256,7 +239,7 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x, mask=None, mask_token=None):
         """-> (global feature [B,D] = final-norm [CLS], patch-token map [B,D,H/p,W/p])."""
-        x = self.patch_embed.proj(x)                                   # [B,D,h,w]
+        x = self.patch_embed(x)                                   # [B,D,h,w]
         if mask is not None:   # section III-B: learnable token added to masked patch embeddings
             x = x + mask_token.to(x.dtype) * mask.unsqueeze(1).to(x.dtype)
         B, D, h, w = x.shape
@@ -275,17 +258,6 @@ def build_backbone(args):
         return ResNet50()
     dim, depth, heads = VIT_SIZES[args.arch]
     return VisionTransformer(args.img_size, args.patch_size, dim, depth, heads, args.attn)
-
-
-class GlobalProjector(nn.Module):
-    """Section III-C: GAP feature -> Linear-ReLU-Linear -> L2 (MoCo-v2 projector)."""
-
-    def __init__(self, dim, hidden, out):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out))
-
-    def forward(self, x):
-        return F.normalize(self.mlp(x.float()), dim=-1)
 
 
 class LocalHead(nn.Module):
@@ -312,12 +284,14 @@ class Encoder(nn.Module):
         super().__init__()
         self.backbone = build_backbone(args)
         C = self.backbone.embed_dim
-        self.projector = GlobalProjector(C, args.proj_hidden, args.proj_dim)
+        # section III-C: MoCo-v2 projector on the global feature, Linear-ReLU-Linear, then L2
+        self.projector = nn.Sequential(nn.Linear(C, args.proj_hidden), nn.ReLU(inplace=True),
+                                       nn.Linear(args.proj_hidden, args.proj_dim))
         self.local_head = LocalHead(C, args.local_hidden, args.local_bottleneck, args.local_out)
 
     def forward(self, x, mask=None, mask_token=None):
         feat, fmap = self.backbone(x, mask, mask_token)
-        return self.projector(feat), self.local_head(fmap), fmap
+        return F.normalize(self.projector(feat).float(), dim=-1), self.local_head(fmap), fmap
 
 
 class Student(nn.Module):
@@ -382,10 +356,6 @@ def focal_frequency_loss(pred, target, mpix):
     return (w * dist2).mean()
 
 
-def mim_loss(pred, target, mpix, w_freq):
-    return focal_l1_loss(pred, target, mpix) + w_freq * focal_frequency_loss(pred, target, mpix)
-
-
 def infonce_loss(q, k, queue, temp):
     """MoCo-v2 InfoNCE: positive = teacher key of the other view, negatives = the queue."""
     pos = (q * k).sum(1, keepdim=True)
@@ -445,11 +415,16 @@ class MethodState(nn.Module):
     @torch.no_grad()
     def update_centre(self, t, momentum):
         """t [B, out, N] teacher local logits; mean over images and cells, all ranks."""
-        mean = t.float().mean((0, 2)).view(1, -1, 1)
-        if dist.is_initialized():
-            dist.all_reduce(mean)
-            mean /= dist.get_world_size()
+        mean = all_reduce_mean(t.float().mean((0, 2)).view(1, -1, 1), dist.get_world_size() if dist.is_initialized() else 1)
         self.centre.mul_(momentum).add_(mean, alpha=1 - momentum)
+
+
+def all_reduce_mean(t, world):
+    if world > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+        t /= world
+    return t
 
 
 def gather_keys(k):
@@ -463,16 +438,15 @@ def gather_keys(k):
 
 def cmid_step_losses(student, teacher, state, v1, v2, p1, p2, masks, teacher_temp, args):
     """All CMID losses for one batch of two views. -> (dict of losses, keys, teacher local logits)."""
-    S = v1.shape[-1]
-    mp = [pixel_mask(m, S) for m in masks]
+    mp = [pixel_mask(m, v1.shape[-1]) for m in masks]
     with torch.no_grad():   # teacher: both views, unmasked
         k1, t1, _ = teacher(v1)
         k2, t2, fmap = teacher(v2)
     q1, s1, r1 = student(mean_fill(v1, mp[0]), masks[0])
     q2, s2, r2 = student(mean_fill(v2, mp[1]), masks[1])
-    l_mim = 0.5 * (mim_loss(r1, v1, mp[0], args.w_freq) + mim_loss(r2, v2, mp[1], args.w_freq))
-    queue = state.queue.clone()
-    l_global = 0.5 * (infonce_loss(q1, k2, queue, args.moco_temp) + infonce_loss(q2, k1, queue, args.moco_temp))
+    l_mim = sum(focal_l1_loss(r, v, m) + args.w_freq * focal_frequency_loss(r, v, m)
+                for r, v, m in ((r1, v1, mp[0]), (r2, v2, mp[1]))) / 2
+    l_global = 0.5 * (infonce_loss(q1, k2, state.queue, args.moco_temp) + infonce_loss(q2, k1, state.queue, args.moco_temp))
     i1, i2 = match_cells(p1["boxes"], p1["hflip"], p2["boxes"], p2["hflip"], fmap.shape[-1], args.local_pairs)
     pick = lambda x, i: x.gather(2, i.unsqueeze(1).expand(-1, x.shape[1], -1))
     c = state.centre
@@ -487,10 +461,9 @@ def cmid_step_losses(student, teacher, state, v1, v2, p1, p2, masks, teacher_tem
 @torch.no_grad()
 def ema_update(student_encoder, teacher, m):
     """Teacher <- m * teacher + (1-m) * student over backbone + projector + local head params."""
-    sp = [p for p in student_encoder.parameters()]
-    tp = [p for p in teacher.parameters()]
+    tp = list(teacher.parameters())
     torch._foreach_mul_(tp, m)
-    torch._foreach_add_(tp, sp, alpha=1 - m)
+    torch._foreach_add_(tp, list(student_encoder.parameters()), alpha=1 - m)
 
 
 class Adan(torch.optim.Optimizer):
@@ -506,29 +479,35 @@ class Adan(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
     @torch.no_grad()
-    def step(self):
+    def step(self):   # one fused (foreach) update per parameter group, no per-tensor Python math
         for group in self.param_groups:
-            b1, b2, b3 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g, st = p.grad.float(), self.state[p]
-                if not st:
-                    st["step"] = 0
-                    for name in ("m", "v", "n"):
-                        st[name] = torch.zeros_like(p, dtype=torch.float32)
-                    st["prev_grad"] = g.clone()
-                st["step"] += 1
-                k = st["step"]
-                d = g - st["prev_grad"]
-                st["m"].mul_(b1).add_(g, alpha=1 - b1)
-                st["v"].mul_(b2).add_(d, alpha=1 - b2)
-                st["n"].mul_(b3).addcmul_(g + b2 * d, g + b2 * d, value=1 - b3)
-                denom = (st["n"] / (1 - b3 ** k)).sqrt_().add_(group["eps"])
-                update = (st["m"] / (1 - b1 ** k) + b2 * st["v"] / (1 - b2 ** k)) / denom
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-group["lr"])
-                st["prev_grad"].copy_(g)
+            (b1, b2, b3), lr = group["betas"], group["lr"]
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if not self.state[p]:   # d_1 = 0: the first "previous gradient" is g_1 itself
+                    self.state[p].update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p),
+                                         n=torch.zeros_like(p), prev_grad=p.grad.clone())
+                self.state[p]["step"] += 1
+            if not params:
+                continue
+            k = self.state[params[0]]["step"]
+            m, v, n, prev = ([self.state[p][key] for p in params] for key in ("m", "v", "n", "prev_grad"))
+            g = [p.grad for p in params]
+            d = torch._foreach_sub(g, prev)                                   # d_k = g_k - g_{k-1}
+            torch._foreach_lerp_(m, g, 1 - b1)                                # m = b1 m + (1-b1) g
+            torch._foreach_lerp_(v, d, 1 - b2)                                # v = b2 v + (1-b2) d
+            u = torch._foreach_add(g, d, alpha=b2)                            # g + b2 d
+            torch._foreach_mul_(n, b3)
+            torch._foreach_addcmul_(n, u, u, value=1 - b3)                    # n = b3 n + (1-b3) u^2
+            denom = torch._foreach_div(n, 1 - b3 ** k)
+            torch._foreach_sqrt_(denom)
+            torch._foreach_add_(denom, group["eps"])
+            update = torch._foreach_div(m, 1 - b1 ** k)
+            torch._foreach_add_(update, v, alpha=b2 / (1 - b2 ** k))
+            torch._foreach_div_(update, denom)
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])      # decoupled weight decay
+            torch._foreach_add_(params, update, alpha=-lr)
+            torch._foreach_copy_(prev, g)
 
 
 def param_groups(model, weight_decay):
@@ -568,19 +547,11 @@ def teacher_temp_schedule(args, steps_per_epoch):
 # ----------------------------------------------------------------------------------- train loop
 def setup_distributed():
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    if torch.cuda.is_available():
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(dev)
-        return dev
-    return torch.device("cpu")
-
-
-def seed_all(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def build_views(args, device):
@@ -628,9 +599,6 @@ def train_step(student, teacher, state, optimizer, scaler, images, aug, sched, s
                                                  sched["teacher_temp"][step], args)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(losses["loss"]).backward()
-    if args.clip_grad > 0:
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(student.parameters(), args.clip_grad)
     scaler.step(optimizer)
     scaler.update()
     enc = student.module.encoder if hasattr(student, "module") else student.encoder
@@ -646,17 +614,9 @@ def rng_states():
 
 
 def set_rng_states(s):
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"]), np.random.set_state(s["numpy"]), torch.set_rng_state(s["torch"])
     if s["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def save_checkpoint(path, **obj):
-    tmp = str(path) + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def unwrap(m):
@@ -670,8 +630,11 @@ def train(args, device, rank, world):
                                shuffle=True, drop_last=True, seed=args.seed, workers=args.workers, cache=args.cache,
                                synthetic_images=args.synthetic_images, skip_bad=args.skip_bad)
     steps_per_epoch, total_steps = len(loader), len(loader) * args.epochs
-    if args.lr is None:
-        args.lr = args.blr * args.batch_size * world / 256
+    if steps_per_epoch == 0:
+        raise ValueError(f"{args.data}: fewer training images than --batch-size {args.batch_size} x {world} ranks")
+    scenes = getattr(loader.dataset, "scenes", None)
+    if rank == 0 and scenes is not None:
+        data.save_splits(scenes, out / "splits.json")
     student, teacher, state = build_models(args, device, world)
     optimizer = build_optimizer(student, args)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
@@ -682,14 +645,14 @@ def train(args, device, rank, world):
     start_epoch, start_step, sums, rng = 0, 0, None, None
     ckpt_path = out / "checkpoint.pth"
     resume = ckpt_path if args.resume == "auto" else args.resume
+    if args.resume not in (None, "auto") and not Path(resume).is_file():
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
     if resume and Path(resume).is_file():
         ck = torch.load(resume, map_location="cpu", weights_only=False)
-        student.load_state_dict(ck["student"])
-        teacher.load_state_dict(ck["teacher"])
-        state.load_state_dict(ck["state"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scaler.load_state_dict(ck["scaler"])
-        start_epoch, start_step, sums, rng = ck["epoch"], ck["step_in_epoch"], ck["epoch_sums"], ck["rng"][rank]
+        for name, obj in [("student", student), ("teacher", teacher), ("state", state), ("optimizer", optimizer),
+                          ("scaler", scaler)]:
+            obj.load_state_dict(ck[name])
+        start_epoch, start_step, sums, rng = ck["epoch"], ck["step_in_epoch"], ck["ranks"][rank]["sums"], ck["ranks"][rank]["rng"]
         if start_step >= steps_per_epoch:
             start_epoch, start_step, sums = start_epoch + 1, 0, None
         if rank == 0:
@@ -698,75 +661,61 @@ def train(args, device, rank, world):
         student = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         student, teacher = torch.compile(student), torch.compile(teacher)
-    seed_all(args.seed + rank)
+    random.seed(args.seed + rank), np.random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)
     if rng is not None:
         set_rng_states(rng)
     aug = build_views(args, device)
 
     def checkpoint(epoch, step_in_epoch, epoch_sums):
-        states = rng_states()
-        if world > 1:   # every rank's RNG, so each resumes its own stream
-            gathered = [None] * world
-            dist.all_gather_object(gathered, states)
-            states = gathered
-        else:
-            states = [states]
+        ranks = [{"rng": rng_states(), "sums": epoch_sums}] * world   # each rank resumes its own stream
+        if world > 1:
+            dist.all_gather_object(ranks, ranks[0])
         if rank == 0:
-            save_checkpoint(ckpt_path, student=unwrap(student).state_dict(), teacher=unwrap(teacher).state_dict(),
+            torch.save(dict(student=unwrap(student).state_dict(), teacher=unwrap(teacher).state_dict(),
                             state=state.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                             epoch=epoch, step_in_epoch=step_in_epoch, global_step=epoch * steps_per_epoch + step_in_epoch,
-                            epoch_sums=epoch_sums, args=vars(args), rng=states)
+                            args=vars(args), ranks=ranks), str(ckpt_path) + ".tmp")
+            os.replace(str(ckpt_path) + ".tmp", ckpt_path)   # a crash never leaves a torn checkpoint
 
     names = ["loss", "mim", "global", "local"]
-    stopped = False
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
         with torch.random.fork_rng(devices=[]):   # building the iterator must not move the global RNG
             it = iter(loader)
-        if sums is None:
-            sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)   # + count
-        sums = sums.to(device)
-        t0, n_img = time.time(), 0
+        sums = torch.zeros(len(names) + 1, dtype=torch.float64) if sums is None else sums   # + step count
+        sums, t0, n_img, first = sums.to(device), time.time(), 0, (start_step if epoch == start_epoch else 0)
         for i in range(steps_per_epoch):
             images, _ = next(it)
-            if epoch == start_epoch and i < start_step:
-                continue   # mid-epoch resume: replay the sampler order, skip finished steps
+            if i < first:
+                continue   # mid-epoch resume: replay the epoch's sampler order, skip the finished steps
             step = epoch * steps_per_epoch + i
             losses = train_step(student, teacher, state, optimizer, scaler, images, aug, sched, step, args, device)
-            sums += torch.stack([losses[k].double() for k in names] + [torch.ones((), dtype=torch.float64, device=device)])
+            sums += torch.stack([losses[k].double() for k in names] + [sums.new_ones(())])
             n_img += images.shape[0] * world
             if (i + 1) % args.log_every == 0 or i + 1 == steps_per_epoch:
-                vals = torch.stack([losses[k].float() for k in names])
-                if world > 1:
-                    dist.all_reduce(vals)
-                    vals /= world
+                vals = all_reduce_mean(torch.stack([losses[k].float() for k in names]), world)
                 dt = time.time() - t0
-                eta = dt / max(1, i + 1 - (start_step if epoch == start_epoch else 0)) * (total_steps - step - 1)
+                eta = dt / (i + 1 - first) * (total_steps - step - 1)
                 if rank == 0:
                     terms = " ".join(f"{k} {v:.4f}" for k, v in zip(names, vals.tolist()))
                     print(f"epoch {epoch + 1}/{args.epochs} step {i + 1}/{steps_per_epoch} {terms} "
                           f"lr {sched['lr'][step]:.2e} img/s {n_img / dt:.1f} eta {eta / 60:.1f} min", flush=True)
-            if args.max_steps is not None and step + 1 >= args.max_steps:
-                checkpoint(epoch, i + 1, sums.cpu())
-                stopped = True
+            stop = args.max_steps is not None and step + 1 >= args.max_steps
+            if stop:
                 break
-        if stopped:
+        done = i + 1 == steps_per_epoch
+        checkpoint(epoch, i + 1, None if done else sums.cpu())
+        if done:   # one JSON line per epoch: means over all its steps and ranks
+            total = all_reduce_mean(sums, world)
+            record = {"epoch": epoch + 1, **{k: (total[j] / total[-1]).item() for j, k in enumerate(names)},
+                      "lr": float(sched["lr"][step]), "time_s": round(time.time() - t0, 2)}
+            if rank == 0:
+                with open(out / "log.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+        sums = None
+        if stop:
             if rank == 0:
                 print(f"stopped at --max-steps {args.max_steps}; checkpoint saved")
-            if i + 1 < steps_per_epoch:
-                break
-        total = sums.clone()
-        if world > 1:
-            dist.all_reduce(total)
-        record = {"epoch": epoch + 1, **{k: (total[j] / total[-1]).item() for j, k in enumerate(names)},
-                  "lr": float(sched["lr"][min(step, total_steps - 1)]), "time_s": round(time.time() - t0, 2)}
-        if not stopped:
-            checkpoint(epoch, steps_per_epoch, None)
-        if rank == 0:
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-        sums = None
-        if stopped:
             break
     return unwrap(teacher), unwrap(student)
 
@@ -862,7 +811,7 @@ def visualize(path, args, device, n=8):
     ck, margs = load_checkpoint(path, args)
     student = Student(margs)
     student.load_state_dict(ck["student"])
-    student.to(device).eval()
+    student = student.to(device).eval()
     ld = data.build_loader(args.data, args.data_root, "test", size=margs.img_size, batch_size=n, shuffle=False,
                            drop_last=False, seed=args.seed, workers=0, synthetic_images=args.synthetic_images,
                            distributed=False)
@@ -874,7 +823,7 @@ def visualize(path, args, device, n=8):
     masked = mean_fill(v, mp)
     _, _, rec = student(masked, mask)
     cols = [v, masked, rec, rec * mp + v * (1 - mp)]
-    mean, std = torch.tensor(CMID_MEAN, device=device).view(1, 3, 1, 1), torch.tensor(CMID_STD, device=device).view(1, 3, 1, 1)
+    mean, std = (torch.tensor(t, device=device).view(1, 3, 1, 1) for t in (CMID_MEAN, CMID_STD))
     tiles = [((c * std + mean).clamp(0, 1) * 255).byte().permute(0, 2, 3, 1).cpu().numpy() for c in cols]
     grid = np.concatenate([np.concatenate(list(t), 0) for t in tiles], 1)   # rows: images, columns: kinds
     out = Path(args.out) / "visualize.png"
@@ -889,31 +838,29 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e1
 def bench(args, device, rank, world):
     """--bench N: N training steps on random uint8 images of the real shape, after 3 warm-up steps."""
     from torch.utils.flop_counter import FlopCounterMode
-    if args.lr is None:
-        args.lr = args.blr * args.batch_size * world / 256
     student, teacher, state = build_models(args, device, world)
     if world > 1:
         student = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        student, teacher = torch.compile(student), torch.compile(teacher)
     optimizer = build_optimizer(student, args)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    n = args.bench + 4
-    sched = {"lr": np.full(n, args.lr), "momentum": np.full(n, 0.996), "teacher_temp": np.full(n, 0.04)}
+    sched = {"lr": np.full(args.bench + 4, args.lr), "momentum": np.full(args.bench + 4, 0.996),
+             "teacher_temp": np.full(args.bench + 4, 0.04)}
     aug = build_views(args, device)
     images = torch.randint(0, 256, (args.batch_size, 3, args.img_size, args.img_size), dtype=torch.uint8, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    with FlopCounterMode(display=False) as fc:   # model FLOPs of one step (forward + backward)
-        train_step(student, teacher, state, optimizer, scaler, images, aug, sched, 0, args, device)
+    step = lambda s: train_step(student, teacher, state, optimizer, scaler, images, aug, sched, s, args, device)  # noqa: E731
+    with FlopCounterMode(display=False) as fc:   # model FLOPs of one step (eager, forward + backward)
+        step(0)
     flops = fc.get_total_flops()
+    if args.compile:
+        student, teacher = torch.compile(student), torch.compile(teacher)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for s in range(1, 3):
-        train_step(student, teacher, state, optimizer, scaler, images, aug, sched, s, args, device)
+        step(s)
     sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
     t0 = time.time()
     for s in range(3, 3 + args.bench):
-        train_step(student, teacher, state, optimizer, scaler, images, aug, sched, s, args, device)
+        step(s)
     sync()
     step_s = (time.time() - t0) / args.bench
     line = (f"bench {args.arch} img {args.img_size} batch {args.batch_size}x{world} amp {args.amp} "

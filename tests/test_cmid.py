@@ -1,0 +1,260 @@
+"""cmid.py: masking, cell matching, losses, queue, Adan, training, resume, DDP, export (CPU, tiny)."""
+import json
+import math
+
+import pytest
+import torch
+
+import cmid
+
+# A tiny configuration: ViT-Tiny at 32 px (2x2 tokens), 30 synthetic training images, batch 8.
+TINY = ["--data", "synthetic", "--arch", "vit_tiny", "--img-size", "32", "--patch-size", "16",
+        "--mask-patch-size", "16", "--synthetic-images", "40", "--batch-size", "8", "--workers", "0",
+        "--proj-hidden", "32", "--proj-dim", "16", "--local-hidden", "32", "--local-bottleneck", "16",
+        "--local-out", "32", "--queue-size", "100", "--local-pairs", "3", "--warmup-epochs", "1",
+        "--log-every", "1"]
+
+
+def tiny_args(*extra):
+    args = cmid.resolve_args(cmid.get_args_parser().parse_args(TINY + list(extra)))
+    args.lr = 1e-3 if args.lr is None else args.lr
+    return args
+
+
+def test_mask_counts_uniformity_and_mean_fill():
+    torch.manual_seed(0)
+    masks = cmid.random_grid_masks(4000, 7, 0.6, "cpu")
+    assert masks.shape == (4000, 7, 7)
+    assert (masks.flatten(1).sum(1) == 30).all()                      # ceil(0.6 * 49) = 30 of 49
+    freq = masks.float().mean(0)                                      # uniform: every cell ~30/49
+    assert (freq - 30 / 49).abs().max() < 0.04
+    mpix = cmid.pixel_mask(masks[:2], 224)
+    assert mpix.shape == (2, 1, 224, 224)
+    assert torch.equal(mpix[:, 0, ::32, ::32], masks[:2].float())     # 32-px blocks
+    assert mpix.sum() == 2 * 30 * 32 * 32
+    x = torch.randn(2, 3, 224, 224)
+    filled = cmid.mean_fill(x, mpix)
+    mean = x.mean((2, 3))                                             # per image, per channel
+    m = mpix[:, 0].bool()
+    for b in range(2):
+        for c in range(3):
+            assert torch.allclose(filled[b, c][m[b]], mean[b, c].expand(int(m[b].sum())))
+            assert torch.equal(filled[b, c][~m[b]], x[b, c][~m[b]])
+
+
+def test_cell_matching_uses_pixel_boxes_and_flips():
+    # 2x2 cells. View 1 = box (0,0)-(64,64): centres (16,16) (48,16) (16,48) (48,48).
+    # View 2 = box (32,32)-(96,96): centres (48,48) (80,48) (48,80) (80,80).
+    b1 = torch.tensor([[0.0, 0.0, 64.0, 64.0]])
+    b2 = torch.tensor([[32.0, 32.0, 96.0, 96.0]])
+    no = torch.tensor([False])
+    i1, i2 = cmid.match_cells(b1, no, b2, no, 2, 1)
+    assert (i1.item(), i2.item()) == (3, 0)                           # both centres at (48,48)
+    # the next 4 pairs are all at distance 32: (1,0) (2,0) (3,1) (3,2)
+    i1, i2 = cmid.match_cells(b1, no, b2, no, 2, 5)
+    assert set(zip(i1[0].tolist(), i2[0].tolist())) == {(3, 0), (1, 0), (2, 0), (3, 1), (3, 2)}
+    # view 2 flipped: its column 1 now shows the crop's left half, so (48,48) is cell 1
+    i1, i2 = cmid.match_cells(b1, no, b2, torch.tensor([True]), 2, 1)
+    assert (i1.item(), i2.item()) == (3, 1)
+    centres = cmid.cell_centres(b2, torch.tensor([True]), 2)
+    assert torch.equal(centres[0], torch.tensor([[80.0, 48.0], [48.0, 48.0], [80.0, 80.0], [48.0, 80.0]]))
+
+
+def test_focal_l1_value():
+    pred = torch.zeros(1, 3, 2, 2)
+    target = torch.full((1, 3, 2, 2), 2.0)
+    target[..., 1, 1] = 100.0                                         # unmasked: must not count
+    mpix = torch.tensor([[1.0, 1.0], [1.0, 0.0]]).view(1, 1, 2, 2)
+    expected = 2 * (2 / (1 + math.exp(-0.4)) - 1)                     # |d| (2 sigmoid(0.2|d|) - 1), d = 2
+    assert cmid.focal_l1_loss(pred, target, mpix).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_focal_frequency_value_and_stop_gradient():
+    # 2x2 image: the orthonormal DFT is F[k,l] = 1/2 sum x[m,n] (-1)^(km+ln).
+    pred = torch.tensor([[2.0, 0.0], [0.0, 2.0]]).view(1, 1, 2, 2).requires_grad_()
+    target = torch.zeros(1, 1, 2, 2)
+    mpix = torch.tensor([[1.0, 0.0], [0.0, 0.0]]).view(1, 1, 2, 2)
+    # composite = masked pred + unmasked 0.5 pred + 0.5 x = [[2,0],[0,1]]; its DFT = [[1.5,.5],[.5,1.5]]
+    # |diff|^2 = [[2.25,.25],[.25,2.25]]; weights log(1+|diff|)/max = 1 and log(1.5)/log(2.5)
+    w = math.log(1.5) / math.log(2.5)
+    expected = (2 * 2.25 + 2 * 0.25 * w) / 4
+    loss = cmid.focal_frequency_loss(pred, target, mpix)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert pred.grad[0, 0, 1, 1] == 0 and pred.grad[0, 0, 0, 1] == 0  # unmasked: stop-gradient
+    assert pred.grad[0, 0, 0, 0] != 0
+
+
+def test_queue_ring_buffer_wraps_and_keeps_newest():
+    state = cmid.MethodState(queue_size=5, key_dim=1, local_out=4, seed=0)
+    keys = lambda *v: torch.tensor(v, dtype=torch.float32).view(-1, 1)    # noqa: E731
+    state.enqueue(keys(1, 2, 3))
+    assert state.queue_ptr.item() == 3
+    state.enqueue(keys(4, 5, 6, 7))                                   # wraps: slots 3, 4, 0, 1
+    assert state.queue.flatten().tolist() == [6, 7, 3, 4, 5] and state.queue_ptr.item() == 2
+    state.enqueue(keys(8, 9, 10, 11, 12, 13, 14))                     # more keys than slots
+    # as if written one by one from slot 2: the last 5 keys survive, pointer (2 + 7) % 5 = 4
+    assert state.queue.flatten().tolist() == [11, 12, 13, 14, 10] and state.queue_ptr.item() == 4
+
+
+def test_infonce_and_local_loss_values():
+    q = torch.tensor([[1.0, 0.0]])
+    k = torch.tensor([[1.0, 0.0]])
+    queue = torch.tensor([[0.0, 1.0], [-1.0, 0.0]])
+    logits = torch.tensor([1.0, 0.0, -1.0]) / 0.2
+    assert cmid.infonce_loss(q, k, queue, 0.2).item() == pytest.approx(-torch.log_softmax(logits, 0)[0].item(), rel=1e-6)
+    s, t = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    c = torch.randn(1, 5, 1)
+    ref = -(torch.softmax((t - c) / 0.04, 1) * torch.log_softmax(s / 0.1, 1)).sum(1).mean()
+    assert torch.allclose(cmid.local_distill_loss(s, t, c, 0.1, 0.04), ref)
+
+
+def test_adan_two_steps_match_equations():
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    lr, wd, eps, (b1, b2, b3) = 0.1, 0.02, 1e-8, (0.98, 0.92, 0.99)
+    opt = cmid.Adan([p], lr=lr, weight_decay=wd)
+    g1, g2 = [0.5, -1.0], [0.3, 2.0]
+    p.grad = torch.tensor(g1)
+    opt.step()
+    # step 1: d = 0, m = (1-b1) g, v = 0, n = (1-b3) g^2 -> bias-corrected update g / (|g| + eps)
+    exp1 = [x * (1 - lr * wd) - lr * g / (abs(g) + eps) for x, g in zip([1.0, -2.0], g1)]
+    assert p.tolist() == pytest.approx(exp1, rel=1e-6)
+    p.grad = torch.tensor(g2)
+    opt.step()
+    exp2 = []
+    for x, ga, gb in zip(exp1, g1, g2):
+        d = gb - ga
+        m = b1 * (1 - b1) * ga + (1 - b1) * gb
+        v = (1 - b2) * d
+        n = b3 * (1 - b3) * ga ** 2 + (1 - b3) * (gb + b2 * d) ** 2
+        u = (m / (1 - b1 ** 2) + b2 * v / (1 - b2 ** 2)) / (math.sqrt(n / (1 - b3 ** 2)) + eps)
+        exp2.append(x * (1 - lr * wd) - lr * u)
+    assert p.tolist() == pytest.approx(exp2, rel=1e-5)
+
+
+def test_weight_decay_groups_skip_1d_and_tokens():
+    args = tiny_args()
+    student = cmid.Student(args)
+    decay, no_decay = cmid.param_groups(student, 0.02)
+    names = {id(p): n for n, p in student.named_parameters()}
+    assert all(p.ndim >= 2 for p in decay["params"])
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert {"mask_token", "encoder.backbone.cls_token", "encoder.backbone.pos_embed"} <= skipped
+    assert no_decay["weight_decay"] == 0.0
+
+
+def one_step(args, batch=4, steps=1, fixed=False):
+    device = torch.device("cpu")
+    student, teacher, state = cmid.build_models(args, device, 1)
+    optimizer = cmid.build_optimizer(student, args)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    n = steps + 1
+    sched = {"lr": [args.lr] * n, "momentum": [0.99] * n, "teacher_temp": [0.04] * n}
+    aug = cmid.build_views(args, device)
+    torch.manual_seed(1)
+    images = torch.randint(0, 256, (batch, 3, args.img_size, args.img_size), dtype=torch.uint8)
+    history = []
+    for s in range(steps):
+        if fixed:
+            torch.manual_seed(0)   # same views and masks every step: overfit one batch
+        losses = cmid.train_step(student, teacher, state, optimizer, scaler, images, aug, sched, s, args, device)
+        history.append({k: v.item() for k, v in losses.items()})
+    return student, teacher, state, history
+
+
+@pytest.mark.parametrize("arch,size", [("vit_tiny", "32"), ("resnet50", "64")])
+def test_both_architectures_take_a_step(arch, size):
+    args = tiny_args("--arch", arch, "--img-size", size, "--mask-patch-size", "16" if arch == "vit_tiny" else "32")
+    student, teacher, state, hist = one_step(args)
+    assert all(math.isfinite(v) for v in hist[0].values())
+    assert student.mask_token.grad is not None and student.mask_token.grad.abs().sum() > 0
+    assert state.queue_ptr.item() == 2 * 4                            # both views' keys, once each
+    # the EMA moved the teacher towards the (updated) student, but not onto it
+    sp, tp = dict(student.encoder.named_parameters()), dict(teacher.named_parameters())
+    name = "backbone.conv1.weight" if arch == "resnet50" else "backbone.patch_embed.proj.weight"
+    assert not torch.equal(sp[name], tp[name])
+    assert state.centre.abs().sum() > 0
+
+
+def test_loss_falls_when_overfitting_one_batch():
+    args = tiny_args("--optimizer", "adamw", "--lr", "1e-3")
+    _, _, _, hist = one_step(args, batch=8, steps=12, fixed=True)
+    assert hist[-1]["mim"] < 0.7 * hist[0]["mim"]
+    assert hist[-1]["loss"] < hist[0]["loss"]
+
+
+def read_log(path):
+    return [json.loads(line) for line in open(path / "log.jsonl")]
+
+
+def test_exact_resume_mid_epoch_and_at_epoch_end(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = TINY + ["--epochs", "2", "--no-eval"]
+    cmid.main(common + ["--out", str(a)])
+    cmid.main(common + ["--out", str(b), "--max-steps", "2"])                          # mid-epoch 1
+    assert not (b / "log.jsonl").exists()
+    cmid.main(common + ["--out", str(b), "--resume", "auto", "--max-steps", "3"])     # end of epoch 1
+    cmid.main(common + ["--out", str(b), "--resume", "auto"])                          # epoch 2
+    la, lb = read_log(a), read_log(b)
+    assert [r["epoch"] for r in lb] == [1, 2]
+    for ra, rb in zip(la, lb):
+        for k in ("loss", "mim", "global", "local", "lr"):
+            assert ra[k] == rb[k], (k, ra, rb)
+    ca, cb = (torch.load(p / "checkpoint.pth", weights_only=False) for p in (a, b))
+    for key in ("teacher", "state"):
+        for name, t in ca[key].items():
+            assert torch.equal(t, cb[key][name]), name
+
+
+def test_two_process_torchrun_shares_one_queue(tmp_path, run_torchrun):
+    out = tmp_path / "ddp"
+    run_torchrun(2, "cmid.py", *TINY, "--epochs", "1", "--no-eval", "--out", out)
+    ck = torch.load(out / "checkpoint.pth", weights_only=False)
+    # 30 train images -> 15 per rank -> 1 step of 8; keys: 2 ranks x 2 views x 8, gathered once
+    assert ck["state"]["queue_ptr"].item() == 32
+    queue = ck["state"]["queue"]
+    fresh = cmid.MethodState(100, 16, 32, seed=0).queue
+    assert torch.equal(queue[32:], fresh[32:])                       # untouched slots
+    written = queue[:32]
+    dist = torch.cdist(written, written) + torch.eye(32) * 10
+    assert dist.min() > 1e-4                                          # no key enqueued twice
+    assert len(ck["ranks"]) == 2 and len(read_log(out)) == 1
+
+
+def test_export_uses_torchvision_and_timm_names(tmp_path):
+    expected = {"conv1.weight"} | {f"bn1.{s}" for s in ("weight", "bias", "running_mean", "running_var",
+                                                         "num_batches_tracked")}
+    for li, blocks in enumerate((3, 4, 6, 3), 1):
+        for bi in range(blocks):
+            pre = f"layer{li}.{bi}."
+            expected |= {pre + f"conv{j}.weight" for j in (1, 2, 3)}
+            expected |= {pre + f"bn{j}.{s}" for j in (1, 2, 3) for s in ("weight", "bias", "running_mean",
+                                                                            "running_var", "num_batches_tracked")}
+            if bi == 0:
+                expected |= {pre + "downsample.0.weight"} | {pre + f"downsample.1.{s}" for s in (
+                    "weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+    vit = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias"}
+    for i in range(12):
+        vit |= {f"blocks.{i}.{m}.{s}" for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+                for s in ("weight", "bias")}
+    for arch, keys in (("resnet50", expected), ("vit_tiny", vit)):
+        args = tiny_args("--arch", arch, "--img-size", "64", "--mask-patch-size", "32", "--out", str(tmp_path))
+        enc = cmid.Encoder(args)
+        torch.save({"teacher": enc.state_dict(), "args": vars(args)}, tmp_path / "ck.pth")
+        sd = cmid.export(tmp_path / "ck.pth", args)
+        assert set(sd) == keys, set(sd) ^ keys
+        assert len(keys) == (318 if arch == "resnet50" else 150)
+        assert torch.load(tmp_path / "backbone.pth").keys() == sd.keys()
+
+
+def test_script_trains_evaluates_visualizes_and_benches(tmp_path, run_script):
+    out = tmp_path / "run"
+    proc = run_script("cmid.py", *TINY, "--epochs", "1", "--out", out)
+    assert "linear@1%" in proc.stdout and "random init" in proc.stdout
+    ev = json.loads((out / "eval.json").read_text())
+    assert set(ev) == {"cmid", "random init"} and set(ev["cmid"]) == {"linear@1%", "linear@100%", "knn"}
+    assert json.loads((out / "args.json").read_text())["arch"] == "vit_tiny"
+    cmid.main(TINY + ["--out", str(out), "--visualize", str(out / "checkpoint.pth")])
+    from PIL import Image
+    assert Image.open(out / "visualize.png").size == (4 * 32, 8 * 32)
+    assert cmid.main(TINY + ["--out", str(out), "--bench", "1"]) is None
