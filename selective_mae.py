@@ -85,7 +85,7 @@ def get_args_parser():
     g.add_argument("--epochs", type=int, default=None, help="epochs (paper 800; demo 8)")
     g.add_argument("--batch-size", type=int, default=None, help="per process (paper 256; demo 48)")
     g.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
-    g.add_argument("--blr", type=float, default=1.5e-4, help="base lr per 256 images")
+    g.add_argument("--blr", type=float, default=None, help="base lr per 256 images (paper 1.5e-4; demo 5e-3)")
     g.add_argument("--lr-scale", default="rm", choices=["none", "rm", "mr"],
                    help="lr = blr * total_batch/256 * (r/m) (CrossMAE rule), (m/r) or 1")
     g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW decay (none on 1-D params)")
@@ -112,9 +112,9 @@ def resolve_args(args):
     """Fill None sentinels: paper settings with --data, the CPU demo without (explicit flags win)."""
     demo = args.data is None
     defaults = dict(arch="vit_tiny", img_size=64, patch_size=8, epochs=8, batch_size=48, warmup_epochs=1,
-                    decoder_depth=4, workers=0, synthetic_images=600, log_every=5) if demo else dict(
+                    decoder_depth=4, workers=0, synthetic_images=600, log_every=5, blr=5e-3) if demo else dict(
                     arch="vit_base", img_size=224, patch_size=16, epochs=800, batch_size=256, warmup_epochs=10,
-                    decoder_depth=8, workers=8, synthetic_images=1000, log_every=20)
+                    decoder_depth=8, workers=8, synthetic_images=1000, log_every=20, blr=1.5e-4)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -623,7 +623,7 @@ def train(args, rank, world, device):
                     print(f"epoch {epoch} step {it + 1}/{steps_per_epoch} loss {l:.4f} lr {lrs[step]:.3g} "
                           f"psts {psts_stage(step / total_steps)[0]} {rate:.1f} img/s eta {eta / 60:.1f} min",
                           flush=True)
-            if args.max_steps and global_step >= args.max_steps:
+            if args.max_steps and global_step >= args.max_steps and it + 1 < steps_per_epoch:
                 save_checkpoint(ckpt_path, core, optimizer, scaler, args, epoch, it + 1, global_step,
                                 {"loss_sum": loss_sum.item(), "n_steps": n_steps})
                 if rank == 0:
@@ -633,11 +633,15 @@ def train(args, rank, world, device):
         epoch_loss = all_mean(loss_sum / max(n_steps, 1)).item()
         save_checkpoint(ckpt_path, core, optimizer, scaler, args, epoch + 1, 0, global_step, {})
         if rank == 0:
-            record = {"epoch": epoch, "loss": epoch_loss, "lr": float(lrs[min(step, total_steps - 1)]),
+            record = {"epoch": epoch, "loss": epoch_loss, "lr": float(lrs[(epoch + 1) * steps_per_epoch - 1]),
                       "psts": psts_stage(epoch / args.epochs)[0], "steps": global_step,
                       "epoch_s": round(time.time() - t_epoch, 2)}
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if args.max_steps and global_step >= args.max_steps:
+            if rank == 0:
+                print(f"--max-steps {args.max_steps} reached: checkpoint at the end of epoch {epoch}")
+            return core, False
     return core, True
 
 

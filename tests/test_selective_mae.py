@@ -2,8 +2,6 @@
 (subprocess smoke runs: resume, torchrun, export, eval-only, plain-MAE mode, adaptive budget)."""
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -136,46 +134,51 @@ def test_loss_falls_when_overfitting_one_batch():
     assert losses[-1] < 0.3 * losses[0], losses
 
 
-def _run(args, timeout=240):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(REPO / "selective_mae.py"), *map(str, args)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+def run_main(capsys, *argv):
+    """Run the script's main() in this process (no torch import per run); returns its stdout."""
+    capsys.readouterr()
+    smae.main([str(a) for a in argv])
+    return capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A 2-block model trained for 2 steps; its checkpoint serves the export / eval / visualize tests."""
+def tools(tmp_path_factory):
+    """A 2-block model trained for 2 steps, then --export, --visualize and --eval-only on its
+    checkpoint in one call (the script accepts the three together). Returns (out folder, stdout)."""
     out = tmp_path_factory.mktemp("smae")
-    _run([*TINY, "--epochs", "1", "--max-steps", "2", "--out", out])
-    return out
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "stdout", __import__("io").StringIO())
+        smae.main([*TINY, "--epochs", "1", "--max-steps", "2", "--out", str(out)])
+        ckpt = str(out / "checkpoint.pth")
+        smae.main(["--export", ckpt, "--visualize", ckpt, "--eval-only", ckpt, "--out", str(out),
+                   "--synthetic-images", "40", "--workers", "0"])
+        return out, sys.stdout.getvalue()
 
 
 def epoch_losses(out):
     return [json.loads(line)["loss"] for line in open(Path(out) / "log.jsonl")]
 
 
-def test_exact_resume_reproduces_uninterrupted_losses(tmp_path):
-    common = [*TINY, "--epochs", "2", "--skip-eval", "--synthetic-images", "50"]   # 40 train -> 5 steps/epoch
-    _run([*common, "--out", tmp_path / "a"])
-    out = _run([*common, "--out", tmp_path / "b", "--max-steps", "7"])             # stops mid-epoch 2
-    assert "--max-steps 7 reached" in out and not (tmp_path / "b" / "log.jsonl").read_text().count("\n") > 1
-    out = _run([*common, "--out", tmp_path / "b", "--resume", "auto"])
-    assert "resumed" in out
+def test_exact_resume_reproduces_uninterrupted_losses(tmp_path, capsys):
+    common = [*TINY, "--epochs", "2", "--skip-eval", "--synthetic-images", "40"]   # 32 train -> 3 steps/epoch
+    run_main(capsys, *common, "--out", tmp_path / "a")
+    out = run_main(capsys, *common, "--out", tmp_path / "b", "--max-steps", "5")  # stops mid-epoch 2
+    assert "--max-steps 5 reached" in out and len(epoch_losses(tmp_path / "b")) == 1
+    out = run_main(capsys, *common, "--out", tmp_path / "b", "--resume", "auto")
+    assert "resumed" in out and "epoch 1 step 2" in out
     a, b = epoch_losses(tmp_path / "a"), epoch_losses(tmp_path / "b")
     assert len(a) == len(b) == 2 and a == b, (a, b)
 
 
 def test_torchrun_two_processes_run_two_steps(run_torchrun, tmp_path):
-    proc = run_torchrun(2, "selective_mae.py", *TINY, "--epochs", "1", "--max-steps", "2", "--out", tmp_path)
+    proc = run_torchrun(2, "selective_mae.py", *TINY, "--epochs", "1", "--max-steps", "2", "--out", tmp_path,
+                        "--synthetic-images", "80", "--skip-eval")     # 64 train images: 4 steps per rank
     assert "max-steps 2 reached" in proc.stdout and "world 2" in proc.stdout
     assert (tmp_path / "checkpoint.pth").exists()
 
 
-def test_export_keys_match_timm_vit_names(trained, tmp_path):
-    _run(["--export", trained / "checkpoint.pth", "--out", tmp_path])
-    keys = set(torch.load(tmp_path / "backbone.pth", map_location="cpu").keys())
+def test_export_keys_match_timm_vit_names(tools):
+    keys = set(torch.load(tools[0] / "backbone.pth", map_location="cpu").keys())
     expected = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias"}
     for i in range(2):
         expected |= {f"blocks.{i}.{n}" for n in (
@@ -184,29 +187,28 @@ def test_export_keys_match_timm_vit_names(trained, tmp_path):
     assert keys == expected
 
 
-def test_eval_only_prints_the_three_protocols(trained):
-    out = _run(["--eval-only", trained / "checkpoint.pth", "--out", trained, "--synthetic-images", "40"])
+def test_eval_only_prints_the_three_protocols(tools):
+    out = tools[1]
     for proto in ("linear@1%", "linear@100%", "knn"):
         assert any(line.startswith(proto) and len(line.split()) == 3 for line in out.splitlines()), out
     assert "random-init" in out
-    results = json.loads((trained / "eval.json").read_text())
+    results = json.loads((tools[0] / "eval.json").read_text())
     assert set(results) == {"pretrained", "random-init"} and 0 <= results["pretrained"]["knn"] <= 100
 
 
-def test_visualize_writes_png(trained):
-    _run(["--visualize", trained / "checkpoint.pth", "--out", trained])
+def test_visualize_writes_png(tools):
     from PIL import Image
-    img = Image.open(trained / "visualize.png")
+    img = Image.open(tools[0] / "visualize.png")
     tile = img.size[0] // 3                               # columns: input | masks | reconstruction
     assert img.size[0] == 3 * tile and img.size[1] % tile == 0 and img.size[1] >= tile
 
 
-def test_plain_mae_mode_runs(tmp_path):
-    out = _run([*TINY, "--epochs", "1", "--max-steps", "2", "--out", tmp_path, "--mask-ratio", "0.75",
+def test_plain_mae_mode_runs(tmp_path, capsys):
+    out = run_main(capsys, *[*TINY, "--epochs", "1", "--max-steps", "2", "--out", tmp_path, "--mask-ratio", "0.75",
                 "--recon-ratio", "0.75", "--seed-select", "random", "--target-select", "random", "--decoder", "self"])
     assert "K=16 R=48 decoder=self" in out and "max-steps 2 reached" in out
 
 
-def test_adaptive_budget_runs(tmp_path):
-    out = _run([*TINY, "--epochs", "1", "--max-steps", "2", "--out", tmp_path, "--adaptive-budget", "--attn", "triton"])
+def test_adaptive_budget_runs(tmp_path, capsys):
+    out = run_main(capsys, *[*TINY, "--epochs", "1", "--max-steps", "2", "--out", tmp_path, "--adaptive-budget", "--attn", "triton"])
     assert "max-steps 2 reached" in out
