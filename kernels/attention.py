@@ -326,28 +326,38 @@ def _attn_bwd_dq(Q, K, V, KeyMask, KeyEnd, DOut, LSE, Delta, DQ,
 # Launch configuration
 # ------------------------------------------------------------------------------------------------
 def _configs(n_q, n_k, head_dim):
-    """Block sizes and launch options, fixed per shape (no autotuning: none of this was measured).
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, fixed per shape: no autotuning, because
+    none of this could be measured (no GPU); `python -m kernels.attention --sweep` times
+    alternatives on a GPU and CONFIG_OVERRIDE takes the winner without editing this function.
 
-    Hopper (sm_90) reasoning, following the Triton fused-attention tutorial's H100 configs:
-    - forward: BLOCK_M = 128 queries per program (4 warps run two m64 wgmma tiles each) streaming
-      BLOCK_N = 64 keys; 3 pipeline stages of K/V tiles (3 * 2 * 64 * D * 2 bytes = 48 KiB at
+    Hopper (sm_90) reasoning, from the Triton fused-attention tutorial's H100 settings and the
+    register counts that ptxas reports for these kernels (tests/test_attention.py compiles them):
+    - forward: BLOCK_M = 128 queries per program (one warpgroup issues two m64 wgmma tiles)
+      streaming BLOCK_N = 64 keys through 3 pipeline stages (3 * 2 * 64 * D * 2 bytes = 48 KiB at
       D = 64). Short query sets (the 50-token encoders, the 49-query decoder) waste most of a
       128-row block, so BLOCK_M drops to 64 when Nq <= 64; Nk <= 32 uses 32-key blocks.
-      D = 128 doubles the accumulator: 8 warps keep it in registers.
-    - backward: 64 x 64 blocks for both kernels. Each program holds two fp32 [64, D] accumulators
-      plus K and V (or Q and dO) tiles and three [64, 64] score-sized temporaries; larger blocks
-      spill registers at D = 128. 2 stages (the loop loads two tiles per step).
+      D = 128 doubles the accumulator: 8 warps keep it in registers without spilling.
+    - backward: the tutorial's split - the block a program holds is large and the block it
+      streams is small: dK/dV holds 64 keys and streams 32 queries, dQ holds 64 queries and
+      streams 32 keys (the tutorial's 128-row held blocks spill registers here at D = 128 and
+      waste most of a block at the 50-token shapes). 2 stages: each step loads two tiles.
     - the interpreter (CPU tests) uses 16 x 16 blocks so that small test shapes still run the
       multi-block loops and the tail masking.
     """
+    if CONFIG_OVERRIDE:
+        return CONFIG_OVERRIDE
     if _interpreting():
-        return dict(fwd=(16, 16, 4, 1), bwd=(16, 16, 4, 1))
+        return dict(fwd=(16, 16, 4, 1), dkdv=(16, 16, 4, 1), dq=(16, 16, 4, 1))
     fwd_m = 64 if n_q <= 64 else 128
     fwd_n = 32 if n_k <= 32 else 64
     fwd_warps = 8 if (head_dim == 128 and fwd_m == 128) else 4
     fwd_stages = 2 if head_dim == 128 else 3
     bwd_warps = 8 if head_dim == 128 else 4
-    return dict(fwd=(fwd_m, fwd_n, fwd_warps, fwd_stages), bwd=(64, 64, bwd_warps, 2))
+    return dict(fwd=(fwd_m, fwd_n, fwd_warps, fwd_stages),
+                dkdv=(32, 64, bwd_warps, 2), dq=(64, 32, bwd_warps, 2))
+
+
+CONFIG_OVERRIDE = None   # e.g. dict(fwd=(128, 64, 4, 3), dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2))
 
 
 def _dot_precision(dtype):
@@ -392,23 +402,25 @@ def _triton_forward(q, k, v, mask_u8, key_end, stride_mb, has_mask, scale):
 def _triton_backward(do, q, k, v, out, lse, mask_u8, key_end, stride_mb, has_mask, scale):
     B, H, n_q, D = q.shape
     n_k = k.shape[2]
-    block_m, block_n, warps, stages = _configs(n_q, n_k, D)["bwd"]
+    cfg = _configs(n_q, n_k, D)
     delta = torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)
-    _attn_bwd_preprocess[(triton.cdiv(n_q, block_m), B * H)](
-        out, do, delta, *_strides(out), *_strides(do), H, n_q, HEAD_DIM=D, BLOCK_M=block_m)
+    pre_m = cfg["dq"][0]
+    _attn_bwd_preprocess[(triton.cdiv(n_q, pre_m), B * H)](
+        out, do, delta, *_strides(out), *_strides(do), H, n_q, HEAD_DIM=D, BLOCK_M=pre_m)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    common = dict(HAS_MASK=has_mask, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
-                  DOT_PRECISION=_dot_precision(q.dtype), INTERPRET=_interpreting(),
-                    num_warps=warps, num_stages=stages)
+    common = dict(HAS_MASK=has_mask, HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype),
+                  INTERPRET=_interpreting())
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), stride_mb, H, n_q, n_k)
+    block_m, block_n, warps, stages = cfg["dkdv"]
     _attn_bwd_dkdv[(triton.cdiv(n_k, block_n), B * H)](
         q, k, v, mask_u8, key_end, do, lse, delta, dk, dv, scale, scale * _LOG2E, *strides,
-        *_strides(dk), **common)
+        *_strides(dk), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
+    block_m, block_n, warps, stages = cfg["dq"]
     _attn_bwd_dq[(triton.cdiv(n_q, block_m), B * H)](
         q, k, v, mask_u8, key_end, do, lse, delta, dq, scale, scale * _LOG2E, *strides,
-        *_strides(dq), **common)
+        *_strides(dq), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
     return dq, dk, dv
 
 
@@ -529,3 +541,52 @@ def masked_attention(q, k, v, key_mask=None, scale=None, backend="auto"):
     if backend == "torch":
         return _torch_attention(q, k, v, key_mask, scale)
     return _MaskedAttention.apply(q, k, v, key_mask, scale)
+
+
+# ------------------------------------------------------------------------------------------------
+# Ahead-of-time compile check (no GPU needed): the kernels lowered to sm_90 (Hopper) machine code
+# ------------------------------------------------------------------------------------------------
+def compile_for_target(head_dim=64, dtype="bf16", arch=90, has_mask=True, n_q=197, n_k=197):
+    """Compile the four kernels with the launch configs of (n_q, n_k, head_dim) for CUDA sm_<arch>.
+
+    Runs triton's full pipeline (TTIR -> TTGIR -> LLVM -> PTX -> ptxas cubin) without a GPU.
+    Must run without TRITON_INTERPRET (the jitted functions are then real JITFunctions).
+    Returns {kernel name: (shared memory bytes, number of registers or None)}."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    if _interpreting():
+        raise RuntimeError("compile_for_target needs TRITON_INTERPRET unset")
+    tensor = f"*{dtype}"
+    pointers = {"Q": tensor, "K": tensor, "V": tensor, "Out": tensor, "DOut": tensor, "DQ": tensor,
+                "DK": tensor, "DV": tensor, "KeyMask": "*u8", "KeyEnd": "*i32", "LSE": "*fp32",
+                "Delta": "*fp32"}
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    cfg = _configs(n_q, n_k, head_dim)
+    precision = "ieee" if torch_dtype == torch.float32 else "tf32"
+    flags = dict(HAS_MASK=has_mask, HEAD_DIM=head_dim, DOT_PRECISION=precision, INTERPRET=False)
+
+    def blocks(name):
+        return dict(BLOCK_M=cfg[name][0], BLOCK_N=cfg[name][1]), cfg[name][2], cfg[name][3]
+
+    jobs = [(_attn_fwd, *blocks("fwd")), (_attn_bwd_dkdv, *blocks("dkdv")), (_attn_bwd_dq, *blocks("dq"))]
+    jobs = [(fn, dict(flags, **b), w, st) for fn, b, w, st in jobs]
+    jobs.insert(1, (_attn_bwd_preprocess, dict(HEAD_DIM=head_dim, BLOCK_M=cfg["dq"][0]), cfg["dq"][2], 1))
+    results = {}
+    for fn, constexprs, warps, stages in jobs:
+        signature = {}
+        for name in fn.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name in pointers:
+                signature[name] = pointers[name]
+            elif name.startswith("scale"):
+                signature[name] = "fp32"
+            else:
+                signature[name] = "i32"
+        # Pointers 16-byte aligned, as torch allocations are.
+        attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names if n in pointers}
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                  options=dict(num_warps=warps, num_stages=stages))
+        results[fn.__name__] = (compiled.metadata.shared, getattr(compiled, "n_regs", None))
+    return results
