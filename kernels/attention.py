@@ -590,3 +590,136 @@ def compile_for_target(head_dim=64, dtype="bf16", arch=90, has_mask=True, n_q=19
                                   options=dict(num_warps=warps, num_stages=stages))
         results[fn.__name__] = (compiled.metadata.shared, getattr(compiled, "n_regs", None))
     return results
+
+
+# ------------------------------------------------------------------------------------------------
+# Benchmark: python -m kernels.attention [--dtype bf16] [--sweep]
+# ------------------------------------------------------------------------------------------------
+BENCH_SHAPES = [  # (B, H, Nq, Nk, D): the rsmim scripts' attention calls
+    (256, 12, 197, 197, 64),   # ViT-B/16 at 224 px, full token set
+    (256, 12, 50, 50, 64),     # ViT-B encoder on the visible 25% of the tokens (MAE-style)
+    (64, 6, 785, 785, 64),     # ViT-S/8 at 224 px
+    (256, 16, 197, 197, 32),   # 512-wide decoder, 16 heads
+    (256, 16, 49, 30, 32),     # SelectiveMAE cross-attention decoder: 49 queries, 30 keys
+]
+
+
+def _bench_inputs(B, H, n_q, n_k, D, dtype, masked, seed=0, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(seed)
+    q, k, v = (torch.randn(B, H, n, D, device=device, dtype=dtype, generator=g).requires_grad_()
+               for n in (n_q, n_k, n_k))
+    dout = torch.randn(B, H, n_q, D, device=device, dtype=dtype, generator=g)
+    mask = None
+    if masked:   # a random 75% of the keys, key 0 (the [CLS] token) always kept
+        mask = torch.rand(B, n_k, device=device, generator=g) < 0.75
+        mask[:, 0] = True
+    return q, k, v, dout, mask
+
+
+def _implementations(q, k, v, mask, flex=True):
+    """name -> callable returning the attention output."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    impls = {"ours (triton)": lambda: masked_attention(q, k, v, mask, backend="triton")}
+    sdpa_mask = None if mask is None else mask[:, None, None, :]
+    for name, backend in (("sdpa flash", SDPBackend.FLASH_ATTENTION), ("sdpa cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("sdpa efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        def call(backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask)
+        impls[name] = call
+    if not flex:
+        return impls
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return impls
+    flex = torch.compile(flex_attention, dynamic=False)
+    if mask is None:
+        impls["flex (compiled)"] = lambda: flex(q, k, v)
+    else:
+        B, _, n_q, _ = q.shape
+
+        def key_mask_mod(b, h, q_idx, kv_idx):
+            return mask[b, kv_idx]
+
+        def build():
+            return create_block_mask(key_mask_mod, B, None, n_q, k.shape[2], device=q.device)
+        block_mask = build()
+        impls["flex (compiled), block mask prebuilt"] = lambda: flex(q, k, v, block_mask=block_mask)
+        impls["flex (compiled), block mask per call"] = lambda: flex(q, k, v, block_mask=build())
+    return impls
+
+
+def _time(fn, q, k, v, dout):
+    """Median, 20% and 80% quantiles in ms of forward and of forward+backward."""
+    from triton.testing import do_bench
+    fwd = do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+    both = do_bench(lambda: fn().backward(dout), grad_to_none=[q, k, v], quantiles=[0.5, 0.2, 0.8])
+    return fwd, both
+
+
+def _sweep(shapes, dtype):
+    """Time alternative block configs of our kernels (one kernel varied at a time) on this GPU."""
+    global CONFIG_OVERRIDE
+    fwd_opts = [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 32, 4, 4)]
+    dkdv_opts = [(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 4, 3), (16, 64, 4, 3), (32, 128, 8, 2)]
+    dq_opts = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (32, 64, 4, 3)]
+    for B, H, n_q, n_k, D in shapes:
+        q, k, v, dout, mask = _bench_inputs(B, H, n_q, n_k, D, dtype, masked=True)
+        base = _configs(n_q, n_k, D)
+        print(f"\nsweep ({B},{H},{n_q},{n_k},{D}) masked; default {base}")
+        for part, opts in (("fwd", fwd_opts), ("dkdv", dkdv_opts), ("dq", dq_opts)):
+            for opt in opts:
+                CONFIG_OVERRIDE = dict(base, **{part: opt})
+                try:
+                    fwd, both = _time(lambda: masked_attention(q, k, v, mask, backend="triton"), q, k, v, dout)
+                    print(f"  {part:5s} {str(opt):18s} fwd {fwd[0]:.3f} ms  fwd+bwd {both[0]:.3f} ms")
+                except Exception as exc:   # e.g. out of shared memory
+                    print(f"  {part:5s} {str(opt):18s} failed: {type(exc).__name__}: {str(exc)[:80]}")
+                finally:
+                    CONFIG_OVERRIDE = None
+
+
+def main():
+    import argparse
+    import datetime
+    parser = argparse.ArgumentParser(description="Benchmark masked attention forward+backward on the GPU.")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="input dtype")
+    parser.add_argument("--sweep", action="store_true", help="also time alternative block configs of ours")
+    parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (saves its compile time)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("python -m kernels.attention needs CUDA: no GPU visible, nothing measured.")
+        return
+    if _interpreting():
+        print("warning: TRITON_INTERPRET=1 is set: the Triton timings are the interpreter's")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    print(f"# masked attention, forward+backward, {args.dtype}; device {torch.cuda.get_device_name()}; "
+          f"torch {torch.__version__}, triton {triton.__version__}; "
+          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print("# median ms (triton.testing.do_bench), [20%, 80%] quantiles; err = max |out - reference| "
+          "on the forward; n/a = backend refused these inputs")
+    print(f"| {'(B,H,Nq,Nk,D)':22s} | mask | {'implementation':38s} | fwd ms | fwd+bwd ms [20%, 80%] | err |")
+    print(f"|{'-' * 24}|------|{'-' * 40}|--------|------------------------|-----|")
+    for B, H, n_q, n_k, D in BENCH_SHAPES:
+        for masked in (False, True):
+            q, k, v, dout, mask = _bench_inputs(B, H, n_q, n_k, D, dtype, masked)
+            ref = attention_reference(q.detach(), k.detach(), v.detach(), mask).float()
+            for name, fn in _implementations(q, k, v, mask, flex=not args.no_flex).items():
+                label = f"({B},{H},{n_q},{n_k},{D})"
+                try:
+                    err = (fn().float() - ref).abs().max().item()
+                    fwd, both = _time(fn, q, k, v, dout)
+                    print(f"| {label:22s} | {'yes' if masked else 'no':4s} | {name:38s} | {fwd[0]:6.3f} | "
+                          f"{both[0]:7.3f} [{both[1]:.3f}, {both[2]:.3f}] | {err:.1e} |")
+                except Exception as exc:
+                    print(f"| {label:22s} | {'yes' if masked else 'no':4s} | {name:38s} | n/a    | n/a "
+                          f"({type(exc).__name__}) | - |")
+            del q, k, v, dout, mask, ref
+            torch.cuda.empty_cache()
+    if args.sweep:
+        _sweep(BENCH_SHAPES, dtype)
+
+
+if __name__ == "__main__":
+    main()
