@@ -25,7 +25,7 @@ Conventions (the MaskFeat / SlowFast `HOGLayerC` ones, not scikit-image's):
 - magnitude = sqrt(gx^2 + gy^2); bin = floor(atan2(gx, gy) / pi * 9) mod 9 (unsigned, 20 degrees).
 - uint8 input is read as raw 0..255 values; gradients are computed in those units (exact integers
   in float32) and the magnitude is multiplied by 1/255. That equals converting the image to [0, 1]
-  first, but keeps every gradient exact, so the bins of uint8 images are identical on both paths.
+  first (up to float rounding), but keeps every gradient exact, so the bins of uint8 images are identical on both paths.
   float32 / bfloat16 / float16 input is used as is (normalised or not: the op is shift invariant).
 - Bin ties. The kernel has no atan2 (`triton.language` lacks it; libdevice does not run under
   TRITON_INTERPRET=1). It folds (gx, gy) into the half-plane of the unsigned orientation (negate

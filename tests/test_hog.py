@@ -36,6 +36,7 @@ def _rel_err(a, b):
     ((1, 3, 16, 32), torch.bfloat16, 16),
     ((1, 3, 32, 48), torch.uint8, 16),
     ((1, 3, 16, 16), torch.uint8, 8),
+    ((1, 3, 16, 16), torch.float16, 16),
 ])
 def test_scores_match_reference(shape, dtype, patch):
     x = _images(shape, dtype)
