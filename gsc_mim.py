@@ -61,6 +61,7 @@ def get_args_parser():
     g.add_argument("--patch-size", type=int, default=None, choices=[8, 16, 32], help="patch size (16; demo 16)")
     g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth of the student only")
     g.add_argument("--out-dim", type=int, default=None, help="head output dim K (8192; demo 1024)")
+    g.add_argument("--head-hidden", type=int, default=2048, help="hidden width of the head MLP")
     g.add_argument("--norm-last-layer", type=str2bool, default=None, help="fix the row norms of the "
                    "weight-normed last head layer at 1 (default: false for vit_tiny/small, true larger)")
     g.add_argument("--attn", default="sdpa", choices=["sdpa", "triton"], help="attention kernel")
@@ -320,7 +321,8 @@ def build_backbone(args, drop_path=0.0):
 
 def build_student_teacher(args):
     student = GSCMIMNet(build_backbone(args, args.drop_path),
-                        IBOTHead(ARCHS[args.arch][0], args.out_dim, norm_last_layer=args.norm_last_layer))
+                        IBOTHead(ARCHS[args.arch][0], args.out_dim, args.head_hidden,
+                                 norm_last_layer=args.norm_last_layer))
     teacher = copy.deepcopy(student)  # same initial weights (sec. 2.2)
     teacher.backbone.mask_token = None  # the teacher never sees masks
     for m in teacher.modules():
@@ -528,7 +530,8 @@ def build_run(args, niter_per_ep):
     total_batch = args.batch_size * args.world_size
     lr = args.lr if args.lr is not None else args.blr * total_batch / 256
     opt = torch.optim.AdamW(param_groups(student), lr=lr, fused=dev.type == "cuda")
-    common = dict(hflip=0.5, vflip=0.5, rot90=1.0, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2)
+    common = dict(hflip=0.5, vflip=0.5, rot90=0.75,  # 0.75: k uniform in {0,1,2,3}
+                  jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2)
     return SimpleNamespace(
         args=args, device=dev, student=student, model=model, teacher=teacher, optimizer=opt,
         scaler=torch.amp.GradScaler("cuda", enabled=args.amp == "fp16"),

@@ -1,0 +1,229 @@
+"""Tests of gsc_mim.py (CPU, tiny): IPC-Masking, losses against hand-written formulas, centring,
+EMA, schedules, overfitting, exact resume, 2-process torchrun, export names, --eval-only."""
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("gsc_mim", REPO / "gsc_mim.py")
+gsc = importlib.util.module_from_spec(spec)
+sys.modules["gsc_mim"] = gsc
+spec.loader.exec_module(gsc)
+gsc.ARCHS.setdefault("vit_micro", (32, 2, 2))  # a 2-block ViT for the in-process tests
+
+# Script runs: ViT-Tiny at 32 px (2x2 patches of 16), small head, 40 synthetic images.
+TINY = ["--data", "synthetic", "--synthetic-images", "40", "--arch", "vit_tiny", "--img-size", "32",
+        "--patch-size", "16", "--batch-size", "8", "--out-dim", "64", "--head-hidden", "64",
+        "--workers", "0", "--warmup-epochs", "1", "--warmup-teacher-temp-epochs", "2", "--log-every", "1"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """2 shared cores: one intra-op thread is ~10x faster than two fighting for them."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def micro_args(**kw):
+    a = ["--data", "synthetic", "--arch", "vit_micro", "--img-size", "32", "--patch-size", "8",
+         "--out-dim", "32", "--head-hidden", "32", "--synthetic-images", "40", "--workers", "0"]
+    for k, v in kw.items():
+        a += [f"--{k.replace('_', '-')}", str(v)]
+    return gsc.resolve_defaults(gsc.get_args_parser().parse_args(a))
+
+
+# ---------------------------------------------------------------- IPC-Masking ---------------------
+@pytest.mark.parametrize("shape", ["block", "rand"])
+def test_ipc_masks_are_complementary(shape):
+    rng = np.random.RandomState(0)
+    m1, m2 = gsc.ipc_masks(400, 14, 14, clean_prob=0.5, ratio_range=(0.1, 0.5), shape=shape, rng=rng)
+    clean = ~m1.any(1) & ~m2.any(1)
+    assert 0.4 < clean.mean() < 0.6  # "ratio 0 with probability 0.5"
+    # every grid position is masked in exactly one of the two student views
+    assert (m1[~clean] ^ m2[~clean]).all() and not (m1 & m2).any()
+    # the mask m has ratio in [0.1, 0.5]: the less-masked view of each pair
+    r = m1.sum(1)[~clean] / 196
+    r = np.minimum(r, 1 - r)
+    assert r.max() <= 0.5 + 1e-9 and 0.2 < r.mean() < 0.35  # r ~ U[0.1, 0.5] (blocks may undershoot)
+    assert 0.3 < (m1[~clean].sum(1) < 98).mean() < 0.7  # roles of s1 / s2 swapped at random
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.2, 0.3, 0.4, 0.5])
+def test_block_mask_ratio_on_14x14(ratio):
+    rng = np.random.RandomState(1)
+    m = gsc.block_mask(np.full(300, ratio), 14, 14, rng)
+    achieved = m.sum(1) / 196
+    assert abs(achieved.mean() - ratio) <= 0.05, achieved.mean()
+    assert (m.sum(1) <= ratio * 196 + 1e-9).all()  # never above the target
+
+
+def test_random_mask_exact_count():
+    ratios = np.array([0.1, 0.25, 0.5, 0.0])
+    m = gsc.random_mask(ratios, 196, np.random.RandomState(2))
+    assert m.sum(1).tolist() == [round(r * 196) for r in ratios]
+
+
+# ---------------------------------------------------------------- losses --------------------------
+def ce_by_hand(t, s, c, tt, ts):
+    """-sum_k softmax((t - c)/tt)_k * log_softmax(s/ts)_k, written out."""
+    pt = np.exp((t - c) / tt - ((t - c) / tt).max())
+    pt /= pt.sum()
+    ls = s / ts - (s / ts).max()
+    ls = ls - math.log(np.exp(ls).sum())
+    return -(pt * ls).sum()
+
+
+def test_patch_mim_loss_matches_formula():
+    g = np.random.RandomState(3)
+    V, B, N, K, tt, ts = 2, 3, 5, 7, 0.05, 0.1
+    s, t, c = g.randn(V, B, N, K), g.randn(V, B, N, K), g.randn(K) * 0.1
+    masks = g.rand(V, B, N) < 0.5
+    masks[0, 1] = False  # an image with no masked position contributes 0
+    expected = 0.0
+    for v in range(V):
+        per_image = []
+        for b in range(B):
+            terms = [ce_by_hand(t[v, b, i], s[v, b, i], c, tt, ts) for i in range(N) if masks[v, b, i]]
+            per_image.append(sum(terms) / max(1, len(terms)))
+        expected += np.mean(per_image) / V
+    index, weight = gsc.masked_token_index(masks.reshape(V * B, N))
+    flat = lambda x: torch.tensor(x.reshape(V * B * N, K), dtype=torch.float32)[index]  # noqa: E731
+    got = gsc.patch_mim_loss(flat(s), flat(t), weight, B, torch.tensor(c, dtype=torch.float32), tt, ts)
+    assert abs(got.item() - expected) < 1e-4 * max(1, abs(expected))
+
+
+def test_cls_distillation_loss_matches_formula():
+    g = np.random.RandomState(4)
+    B, K, tt, ts = 2, 6, 0.04, 0.1
+    s = g.randn(4 * B, K)  # s1, s2, two local crops
+    t = g.randn(2 * B, K)  # t1, t2
+    c = g.randn(K) * 0.1
+    sv, tv = np.split(s, 4), np.split(t, 2)
+    pairs = [(0, 1), (0, 2), (0, 3), (1, 0), (1, 2), (1, 3)]  # (teacher view, student view), cross-view
+    expected = np.mean([np.mean([ce_by_hand(tv[q][b], sv[v][b], c, tt, ts) for b in range(B)]) for q, v in pairs])
+    f = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+    got = gsc.cls_distillation_loss(f(s), f(t), f(c)[None], tt, ts)
+    assert abs(got.item() - expected) < 1e-4 * max(1, abs(expected))
+
+
+def test_centres_update():
+    K, m = 4, 0.9
+    cc, cp = torch.ones(1, K), torch.full((1, 1, K), 2.0)
+    t_cls, t_patch = torch.arange(12.0).reshape(3, K), torch.arange(8.0).reshape(2, K)
+    gsc.update_centers(cc, cp, t_cls, t_patch, m)
+    assert torch.allclose(cc, m * 1 + (1 - m) * t_cls.mean(0, keepdim=True))
+    assert torch.allclose(cp, m * 2 + (1 - m) * t_patch.mean(0).view(1, 1, K))
+    before = cp.clone()
+    gsc.update_centers(cc, cp, t_cls, torch.zeros(0, K), m)  # no masked token: patch centre kept
+    assert torch.equal(cp, before)
+
+
+def test_ema_update_and_teacher():
+    student, teacher = gsc.build_student_teacher(micro_args())
+    assert teacher.backbone.mask_token is None and student.backbone.mask_token is not None
+    assert all(not p.requires_grad for p in teacher.parameters())
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+    before = {n: p.clone() for n, p in teacher.named_parameters()}
+    s = dict(student.named_parameters())
+    gsc.ema_update(student, teacher, 0.9)
+    for n, p in teacher.named_parameters():
+        assert torch.allclose(p, 0.9 * before[n] + 0.1 * s[n]), n
+
+
+def test_schedules():
+    tt = gsc.teacher_temperature_schedule(0.04, 0.07, 30, 100)
+    assert len(tt) == 100 and tt[0] == pytest.approx(0.04) and tt[29] == pytest.approx(0.07)
+    assert tt[15] == pytest.approx(0.04 + 0.03 * 15 / 29) and (tt[30:] == 0.07).all()
+    lr = gsc.cosine_schedule(1e-3, 1e-6, 20, 5, warmup_epochs=10)
+    assert len(lr) == 100 and lr[0] == 0 and lr[50] == pytest.approx(1e-3) and lr[-1] == pytest.approx(1e-6, abs=2e-6)
+    assert np.all(np.diff(lr[:50]) > 0) and np.all(np.diff(lr[50:]) <= 0)
+    mom = gsc.cosine_schedule(0.996, 1.0, 10, 10)
+    assert mom[0] == pytest.approx(0.996) and mom[-1] == pytest.approx(1.0, abs=1e-5)
+    wd = gsc.cosine_schedule(0.04, 0.4, 10, 10)
+    assert wd[0] == pytest.approx(0.04) and wd[-1] == pytest.approx(0.4, abs=1e-4)
+
+
+def test_weight_norm_last_layer_and_groups():
+    args = micro_args(norm_last_layer="true")
+    student, _ = gsc.build_student_teacher(args)
+    ll = student.head.last_layer
+    assert not ll.weight_g.requires_grad
+    w = ll.weight_v * (ll.weight_g / ll.weight_v.norm(dim=1))[:, None]
+    assert torch.allclose(w.norm(dim=1), torch.ones(len(w)))
+    decay, no_decay = gsc.param_groups(student)
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
+    assert all(p is not ll.weight_g for g in (decay, no_decay) for p in g["params"])  # frozen norms
+
+
+def test_loss_falls_when_overfitting_one_batch():
+    args = micro_args(epochs=1, batch_size=8, lr=1e-3, clean_prob=0.0, freeze_last_layer=0,
+                      warmup_epochs=0, drop_path=0.0)
+    gsc.setup_distributed(args)
+    run = gsc.build_run(args, 40)
+    images = torch.randint(0, 256, (8, 3, 36, 36), dtype=torch.uint8)
+    losses = [gsc.train_step(run, images, i, 0)["loss"].item() for i in range(30)]
+    assert all(math.isfinite(x) for x in losses)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.1, losses
+
+
+# ---------------------------------------------------------------- script runs ---------------------
+def read_log(out):
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def test_exact_resume(run_script, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_script("gsc_mim.py", *TINY, "--epochs", "2", "--out", a, "--no-eval")
+    # stop mid-epoch 2 (4 steps per epoch: 32 train images / 8), then resume in the same folder
+    run_script("gsc_mim.py", *TINY, "--epochs", "2", "--out", b, "--no-eval", "--max-steps", "6")
+    assert len(read_log(b)) == 1
+    run_script("gsc_mim.py", *TINY, "--epochs", "2", "--out", b, "--no-eval", "--resume", "auto")
+    la, lb = read_log(a), read_log(b)
+    assert len(la) == len(lb) == 2
+    for key in ("loss", "loss_cls", "loss_mim"):
+        assert la[0][key] == lb[0][key] and la[1][key] == lb[1][key], (key, la, lb)
+
+
+def test_torchrun_two_processes(run_torchrun, tmp_path):
+    proc = run_torchrun(2, "gsc_mim.py", *TINY, "--epochs", "1", "--out", tmp_path, "--no-eval")
+    log = read_log(tmp_path)
+    assert len(log) == 1 and math.isfinite(log[0]["loss"])
+    assert proc.stdout.count("epoch 0 step 2/2") == 1  # rank 0 alone prints; 32 images / (2 x 8)
+
+
+def test_export_timm_names_and_eval_only(tmp_path, capsys):
+    args = micro_args(out=tmp_path)
+    student, teacher = gsc.build_student_teacher(args)
+    ckpt = tmp_path / "checkpoint.pth"
+    torch.save({"student": student.state_dict(), "teacher": teacher.state_dict(),
+                "args": {k: v for k, v in vars(args).items()}}, ckpt)
+    gsc.main(["--export", str(ckpt), "--out", str(tmp_path)])
+    sd = torch.load(tmp_path / "backbone.pth")
+    expected = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"]
+    for i in range(2):
+        expected += [f"blocks.{i}.{n}" for n in (
+            "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
+            "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
+            "mlp.fc2.weight", "mlp.fc2.bias")]
+    expected += ["norm.weight", "norm.bias"]
+    assert sorted(sd) == sorted(expected)
+    assert torch.equal(sd["blocks.1.attn.qkv.weight"], teacher.backbone.blocks[1].attn.qkv.weight)
+    capsys.readouterr()
+    gsc.main(["--eval-only", str(ckpt), "--data", "synthetic", "--synthetic-images", "40", "--batch-size", "16",
+              "--workers", "0", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    for word in ("linear@1%", "linear@100%", "knn", "random_init"):
+        assert word in out
+    res = json.loads((tmp_path / "eval.json").read_text())
+    assert set(res) == {"gsc_mim", "random_init"}
+    assert all(0 <= v <= 100 for r in res.values() for v in r.values())
