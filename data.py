@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -655,20 +656,27 @@ def build_cache(scenes, cache_dir, size, *, workers=4, max_upscale=2.0, wait_s=2
 
 def _write_cache(scenes, data_path, header_path, size, workers, max_upscale, header):
     start, n = time.time(), len(scenes.all_samples)
-    log.warning(f"building the cache {data_path}: {n} images at {size} px ({n * 3 * size * size / 2**30:.2f} GiB)")
     data_path.parent.mkdir(parents=True, exist_ok=True)
+    need, free = n * 3 * size * size, shutil.disk_usage(data_path.parent).free
+    if need > free:            # a memmap write past a full disk is a SIGBUS crash, not an error
+        raise DataError(f"not enough disk space for the cache in {data_path.parent}: needs "
+                        f"{need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free; use another cache folder")
+    log.warning(f"building the cache {data_path}: {n} images at {size} px ({need / 2**30:.2f} GiB)")
     tmp = data_path.with_name(f"{data_path.name}.tmp{os.getpid()}")
-    array = np.memmap(tmp, np.uint8, "w+", shape=(n, 3, size, size))
-    batches = DecodedBatches(scenes, size, max_upscale, indices=scenes.splits["all"])
-    sampler = EpochBatchSampler(range(n), 64, drop_last=False)
-    loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=sampler, num_workers=workers)
-    done = 0
-    for images, _ in loader:
-        array[done:done + len(images)] = images.numpy()
-        done += len(images)
-    array.flush()
-    del array
-    os.replace(tmp, data_path)
+    try:
+        array = np.memmap(tmp, np.uint8, "w+", shape=(n, 3, size, size))
+        batches = DecodedBatches(scenes, size, max_upscale, indices=scenes.splits["all"])
+        sampler = EpochBatchSampler(range(n), 64, drop_last=False)
+        done = 0
+        for images, _ in torch.utils.data.DataLoader(batches, batch_size=None, sampler=sampler,
+                                                     num_workers=workers):
+            array[done:done + len(images)] = images.numpy()
+            done += len(images)
+        array.flush()
+        del array
+        os.replace(tmp, data_path)
+    finally:
+        tmp.unlink(missing_ok=True)
     header["splits"] = {k: v for k, v in scenes.splits.items() if k != "all"}   # for reading only
     header["seed"] = scenes.seed
     _write_atomic(header_path, json.dumps(header).encode())
@@ -823,58 +831,51 @@ class BatchAugment(torch.nn.Module):
 # 6. Benchmark: python data.py --bench --data UCM --data-root ../shared/data --cache /tmp/rsmim-cache
 # ----------------------------------------------------------------------------------------------
 
-def _images_per_second(loader):
-    start, count = time.time(), 0
-    for images, _ in loader:
-        count += len(images)
-    return count / (time.time() - start), count
-
-
 def benchmark(args):
+    """images/s of one pass of the PIL path, the cache build, one pass of the cached path, BatchAugment."""
     torch.set_num_threads(args.threads)
-    print(f"data.py benchmark | {args.data} size {args.size} batch {args.batch_size} workers "
-          f"{args.workers} | torch threads {args.threads} | {os.cpu_count()} cpus | {time.strftime('%Y-%m-%d')}")
+    print(f"data.py benchmark | {args.data} size {args.size} batch {args.batch_size} workers {args.workers} "
+          f"| torch threads {args.threads} | {os.cpu_count()} cpus | {time.strftime('%Y-%m-%d %H:%M')}")
     common = dict(size=args.size, batch_size=args.batch_size, shuffle=True, drop_last=False,
                   workers=args.workers, distributed=False)
-    rate, n = _images_per_second(build_loader(args.data, args.data_root, "all", **common))
-    print(f"PIL path    : {rate:8.0f} images/s ({n} images, one pass)")
-    start = time.time()
-    data_path = build_cache(build_dataset(args.data, args.data_root, img_size=args.size),
-                            args.cache, args.size, workers=args.workers)
-    print(f"cache build : {time.time() - start:8.1f} s -> {data_path} (instant when reused)")
-    rate, n = _images_per_second(build_loader(args.data, args.data_root, "all", cache=args.cache, **common))
-    print(f"cached path : {rate:8.0f} images/s ({n} images, one pass)")
-    augment = BatchAugment(args.crop, hflip=0.5, vflip=0.5, rot90=0.5, blur_p=0.5, solarize_p=0.2)
+    for label, cache in (("PIL path   ", None), ("cached path", args.cache)):
+        start = time.time()
+        loader = build_loader(args.data, args.data_root, "all", cache=cache, **common)
+        if cache:
+            print(f"cache build: {time.time() - start:.1f} s in {cache} (instant when it is reused)")
+        start, count = time.time(), sum(len(images) for images, _ in loader)
+        print(f"{label}: {count / (time.time() - start):8.0f} images/s (one pass over {count} images)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    side = args.augment_from
-    images = torch.randint(0, 256, (args.batch_size, 3, side, side), dtype=torch.uint8, device=device)
-    for _ in range(2):
+    augment = BatchAugment(args.crop, hflip=0.5, vflip=0.5, rot90=0.5, blur_p=0.5, solarize_p=0.2)
+    shape = (args.augment_batch, 3, args.augment_from, args.augment_from)
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
+    for step in range(2 + args.augment_steps):
+        if step == 2:                                   # after two warm-up batches
+            torch.cuda.synchronize() if device == "cuda" else None
+            start, cpu_start = time.time(), time.process_time()
         augment(images)
-    steps, start = 5, time.time()
-    for _ in range(steps):
-        augment(images)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.time() - start) / steps
-    print(f"BatchAugment: {args.batch_size}x3x{side}->{args.crop} on {device}: {seconds * 1e3:.0f} ms "
-          f"per batch, {args.batch_size / seconds:.0f} images/s")
+    torch.cuda.synchronize() if device == "cuda" else None
+    seconds = (time.time() - start) / args.augment_steps
+    cpu_ms = (time.process_time() - cpu_start) / args.augment_steps * 1e3
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print(f"BatchAugment {'x'.join(map(str, shape))} -> {args.crop} px on {name}: {seconds * 1e3:.1f} ms "
+          f"per batch ({cpu_ms:.0f} ms process CPU time), {shape[0] / seconds:.0f} images/s")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="data.py utilities: loader / augmentation benchmark")
-    parser.add_argument("--bench", action="store_true", help="time the PIL path, cache build, cached path, BatchAugment")
+    parser = argparse.ArgumentParser(description="data.py benchmark: PIL path vs cached path vs BatchAugment")
+    parser.add_argument("--bench", action="store_true", help="run the benchmark (the only action)")
     parser.add_argument("--data", default="UCM", help="AID, NWPU-RESISC45, UCM, synthetic or a folder path")
     parser.add_argument("--data-root", default="./datasets", help="folder holding the named datasets")
     parser.add_argument("--cache", default="/tmp/rsmim-cache", help="cache folder for the cached path")
-    parser.add_argument("--size", type=int, default=224, help="load size (px)")
+    parser.add_argument("--size", type=int, default=224, help="load size of both paths (px)")
+    parser.add_argument("--batch-size", type=int, default=64, help="loader batch size")
+    parser.add_argument("--workers", type=int, default=2, help="PIL-path DataLoader worker processes")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the main process")
+    parser.add_argument("--augment-batch", type=int, default=64, help="BatchAugment batch size")
     parser.add_argument("--augment-from", type=int, default=256, help="BatchAugment input size (px)")
     parser.add_argument("--crop", type=int, default=224, help="BatchAugment output size (px)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of the main process")
+    parser.add_argument("--augment-steps", type=int, default=5, help="timed BatchAugment batches")
     arguments = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    if arguments.bench:
-        benchmark(arguments)
-    else:
-        parser.print_help()
+    benchmark(arguments) if arguments.bench else parser.print_help()

@@ -129,6 +129,10 @@ def test_corrupt_and_truncated_images_name_the_file(tmp_path):
                                drop_last=False, workers=0)
     with pytest.raises(DataError, match="cannot read image"):
         list(loader)
+    with pytest.raises(DataError, match="cannot read image"):          # cache build: same error,
+        data.build_loader(str(root), None, "all", size=32, batch_size=4, shuffle=False,
+                          drop_last=False, workers=0, cache=tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []                  # and no partial file left
 
 
 def test_non_image_file_is_an_error_and_hidden_files_are_ignored(tmp_path, caplog):
