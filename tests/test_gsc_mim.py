@@ -17,7 +17,7 @@ sys.modules["gsc_mim"] = gsc
 spec.loader.exec_module(gsc)
 gsc.ARCHS.setdefault("vit_micro", (32, 2, 2))  # a 2-block ViT for the in-process tests
 
-# Script runs: ViT-Tiny at 32 px (2x2 patches of 16), small head, 40 synthetic images.
+# Script runs: ViT-Tiny at 32 px (2x2 patches of 16), small head, 40 synthetic images (30 train).
 TINY = ["--data", "synthetic", "--synthetic-images", "40", "--arch", "vit_tiny", "--img-size", "32",
         "--patch-size", "16", "--batch-size", "8", "--out-dim", "64", "--head-hidden", "64",
         "--workers", "0", "--warmup-epochs", "1", "--warmup-teacher-temp-epochs", "2", "--log-every", "1"]
@@ -181,13 +181,14 @@ def read_log(out):
     return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
 
 
-def test_exact_resume(run_script, tmp_path):
+def test_exact_resume(tmp_path):
+    """CONTRACT recipe, run in-process (same code path as the command line, no start-up cost)."""
     a, b = tmp_path / "a", tmp_path / "b"
-    run_script("gsc_mim.py", *TINY, "--epochs", "2", "--out", a, "--no-eval")
-    # stop mid-epoch 2 (4 steps per epoch: 32 train images / 8), then resume in the same folder
-    run_script("gsc_mim.py", *TINY, "--epochs", "2", "--out", b, "--no-eval", "--max-steps", "6")
+    gsc.main([*TINY, "--epochs", "2", "--out", str(a), "--no-eval"])
+    # 30 train images / 8 = 3 steps per epoch: stop after step 2 of epoch 2, resume in the same folder
+    gsc.main([*TINY, "--epochs", "2", "--out", str(b), "--no-eval", "--max-steps", "5"])
     assert len(read_log(b)) == 1
-    run_script("gsc_mim.py", *TINY, "--epochs", "2", "--out", b, "--no-eval", "--resume", "auto")
+    gsc.main([*TINY, "--epochs", "2", "--out", str(b), "--no-eval", "--resume", "auto"])
     la, lb = read_log(a), read_log(b)
     assert len(la) == len(lb) == 2
     for key in ("loss", "loss_cls", "loss_mim"):
@@ -195,10 +196,10 @@ def test_exact_resume(run_script, tmp_path):
 
 
 def test_torchrun_two_processes(run_torchrun, tmp_path):
-    proc = run_torchrun(2, "gsc_mim.py", *TINY, "--epochs", "1", "--out", tmp_path, "--no-eval")
+    proc = run_torchrun(2, "gsc_mim.py", *TINY, "--batch-size", "4", "--epochs", "1", "--out", tmp_path, "--no-eval")
     log = read_log(tmp_path)
     assert len(log) == 1 and math.isfinite(log[0]["loss"])
-    assert proc.stdout.count("epoch 0 step 2/2") == 1  # rank 0 alone prints; 32 images / (2 x 8)
+    assert proc.stdout.count("epoch 0 step 3/3") == 1  # rank 0 alone prints; 30 images / 2 ranks / 4
 
 
 def test_export_timm_names_and_eval_only(tmp_path, capsys):
