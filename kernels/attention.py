@@ -32,8 +32,6 @@ Algorithm (Dao 2023, FlashAttention-2; the Triton fused-attention tutorial):
 Benchmark (needs CUDA): `python -m kernels.attention` (forward+backward against SDPA's flash,
 cuDNN and efficient backends and FlexAttention, at the rsmim scripts' shapes).
 """
-import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -47,13 +45,14 @@ _LOG2E = 1.4426950408889634
 
 
 def _interpreting():
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when triton.jit built interpreter functions (TRITON_INTERPRET=1 before triton's import)."""
+    return not isinstance(_attn_fwd, triton.runtime.JITFunction)
 
 
 # ------------------------------------------------------------------------------------------------
 # Triton kernels
 #
-# Every key loop is written twice around one @triton.jit step function: a `for ... in range(...)`
+# Every loop over blocks is written twice around one @triton.jit step function: a `for ... in range(...)`
 # (compiled: the form Triton software-pipelines) and a `while` loop, used under TRITON_INTERPRET=1
 # only, because triton 3.6's interpreter cannot take a runtime tensor as a `range` bound with
 # numpy >= 2.4 ("only 0-dimensional arrays can be converted to Python scalars").
@@ -67,6 +66,17 @@ def _dot(a, b, DOT_PRECISION: tl.constexpr):
     else:
         c = tl.dot(a, b, input_precision=DOT_PRECISION)
     return c
+
+
+@triton.jit
+def _program_ids(N, BLOCK: tl.constexpr):
+    """(block index, batch * head) of this program in the 1-D grid of cdiv(N, BLOCK) * B * H.
+
+    The block index varies fastest, so the programs of one (batch, head) run side by side and
+    share its K/V tiles in L2; a 1-D grid also avoids CUDA's 65535 limit on grid dims 2 and 3."""
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(N, BLOCK)
+    return pid % n_blocks, pid // n_blocks
 
 
 @triton.jit
@@ -115,8 +125,7 @@ def _attn_fwd(Q, K, V, KeyMask, KeyEnd, Out, LSE,
               HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     # Program (query block, batch * head): out = softmax(q k^T) v over the valid keys, and the LSE.
-    start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    start_m, off_bh = _program_ids(N_Q, BLOCK_M)
     b = (off_bh // H).to(tl.int64)
     h = (off_bh % H).to(tl.int64)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -163,8 +172,7 @@ def _attn_bwd_preprocess(Out, DOut, Delta,
                          stride_db, stride_dh, stride_dm, stride_dd,
                          H, N_Q, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     # delta_i = sum_d dO_id O_id (= sum_j P_ij dP_ij): the softmax-backward correction term.
-    start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    start_m, off_bh = _program_ids(N_Q, BLOCK_M)
     b = (off_bh // H).to(tl.int64)
     h = (off_bh % H).to(tl.int64)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -220,8 +228,7 @@ def _attn_bwd_dkdv(Q, K, V, KeyMask, KeyEnd, DOut, LSE, Delta, DK, DV,
                    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     # Program (key block, batch * head): dK and dV of these keys, summed over ALL query blocks.
     # Everything is computed transposed ([keys, queries]) so the key block stays in registers.
-    start_n = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    start_n, off_bh = _program_ids(N_K, BLOCK_N)
     b = (off_bh // H).to(tl.int64)
     h = (off_bh % H).to(tl.int64)
     cols = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -285,8 +292,7 @@ def _attn_bwd_dq(Q, K, V, KeyMask, KeyEnd, DOut, LSE, Delta, DQ,
                  HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     # Program (query block, batch * head): dQ of these queries, summed over ALL key blocks.
-    start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    start_m, off_bh = _program_ids(N_Q, BLOCK_M)
     b = (off_bh // H).to(tl.int64)
     h = (off_bh % H).to(tl.int64)
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -389,7 +395,7 @@ def _triton_forward(q, k, v, mask_u8, key_end, stride_mb, has_mask, scale):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)
     block_m, block_n, warps, stages = _configs(n_q, n_k, D)["fwd"]
-    grid = (triton.cdiv(n_q, block_m), B * H)
+    grid = (triton.cdiv(n_q, block_m) * B * H,)
     _attn_fwd[grid](q, k, v, mask_u8, key_end, out, lse, scale * _LOG2E,
                     *_strides(q), *_strides(k), *_strides(v), *_strides(out),
                     stride_mb, H, n_q, n_k,
@@ -405,7 +411,7 @@ def _triton_backward(do, q, k, v, out, lse, mask_u8, key_end, stride_mb, has_mas
     cfg = _configs(n_q, n_k, D)
     delta = torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)
     pre_m = cfg["dq"][0]
-    _attn_bwd_preprocess[(triton.cdiv(n_q, pre_m), B * H)](
+    _attn_bwd_preprocess[(triton.cdiv(n_q, pre_m) * B * H,)](
         out, do, delta, *_strides(out), *_strides(do), H, n_q, HEAD_DIM=D, BLOCK_M=pre_m)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -414,11 +420,11 @@ def _triton_backward(do, q, k, v, out, lse, mask_u8, key_end, stride_mb, has_mas
                   INTERPRET=_interpreting())
     strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), stride_mb, H, n_q, n_k)
     block_m, block_n, warps, stages = cfg["dkdv"]
-    _attn_bwd_dkdv[(triton.cdiv(n_k, block_n), B * H)](
+    _attn_bwd_dkdv[(triton.cdiv(n_k, block_n) * B * H,)](
         q, k, v, mask_u8, key_end, do, lse, delta, dk, dv, scale, scale * _LOG2E, *strides,
         *_strides(dk), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
     block_m, block_n, warps, stages = cfg["dq"]
-    _attn_bwd_dq[(triton.cdiv(n_q, block_m), B * H)](
+    _attn_bwd_dq[(triton.cdiv(n_q, block_m) * B * H,)](
         q, k, v, mask_u8, key_end, do, lse, delta, dq, scale, scale * _LOG2E, *strides,
         *_strides(dq), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
     return dq, dk, dv
@@ -442,6 +448,7 @@ class _MaskedAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         q, k, v, out, lse, mask_u8, key_end = ctx.saved_tensors
         dout = _unit_last_stride(dout)
