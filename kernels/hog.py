@@ -393,7 +393,16 @@ def _bench_cpu(batch=8, size=224, patch=16):
 
 
 if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="Benchmark HOG patch scores (Triton vs torch).")
+    parser.add_argument("--batch", type=int, default=None, help="images (default 256 GPU, 8 CPU)")
+    parser.add_argument("--size", type=int, default=224, help="image side in pixels")
+    parser.add_argument("--patch", type=int, default=16, help="patch side in pixels")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if torch.cuda.is_available() and triton is not None:
-        _bench_gpu()
+        _bench_gpu(args.batch or 256, args.size, args.patch)
     else:
-        _bench_cpu()
+        _bench_cpu(args.batch or 8, args.size, args.patch)
