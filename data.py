@@ -339,7 +339,7 @@ def resize_rgb(image, size, path="<image>", max_upscale=2.0):
 
 SYNTHETIC_CLASSES = ("farmland", "forest", "river", "lake", "crossroads", "residential",
                      "parking_lot", "meadow", "storage_tanks", "vehicles")
-SYNTHETIC_VERSION = 1   # bump when the generator changes (invalidates caches)
+SYNTHETIC_VERSION = 2   # bump when the generator changes (invalidates caches)
 
 
 def _value_noise(rng, size, cells):
@@ -456,8 +456,8 @@ def synthetic_scene(seed, index, size):
         slot_w, row_h = rng.uniform(0.04, 0.06), rng.uniform(0.13, 0.18)
         su, sv = np.floor(u / slot_w).astype(np.int64) % 64, np.floor(v / row_h).astype(np.int64) % 64
         fu, fv = u / slot_w - np.floor(u / slot_w), v / row_h - np.floor(v / row_h)
-        image = _paint(image, _soft(0.6 * px - np.abs(fu - 0.5) * slot_w + 0.5 * slot_w - px, size)
-                       * (fv < 0.8)[..., None], bright)
+        line = np.minimum(fu, 1 - fu) * slot_w                              # distance to a slot line
+        image = _paint(image, _soft(0.8 * px - line, size) * (fv < 0.8)[..., None], bright)
         occupied = (rng.random((64, 64)) < rng.uniform(0.5, 0.95))[su, sv][..., None]
         cars = rng.uniform(0.05, 0.95, size=(64, 64, 3)).astype(np.float32)[su, sv]
         body = np.minimum(np.minimum(fu - 0.2, 0.8 - fu) * slot_w, np.minimum(fv - 0.12, 0.68 - fv) * row_h)
