@@ -47,6 +47,7 @@ def _rel_err(a, b):
     ((1, 3, 32, 48), torch.uint8, 16),
     ((1, 3, 16, 16), torch.uint8, 8),
     ((1, 3, 16, 16), torch.float16, 16),
+    ((1, 3, 48, 24), torch.float32, 24),   # 9 cells per patch: a masked, padded cell block
 ])
 def test_scores_match_reference(shape, dtype, patch):
     x = _images(shape, dtype)
@@ -285,10 +286,11 @@ from kernels.hog import _hog_kernel
 ints = ("H", "W", "stride_b", "stride_c", "stride_h", "stride_w", "patches_w", "n_patches",
         "cells_h", "cells_w")
 for dtype, patch_cells, features, warps in (("fp32", 2, False, 2), ("u8", 2, False, 2),
-                                             ("bf16", 4, True, 8)):
+                                             ("bf16", 4, True, 8), ("fp32", 3, False, 8)):
     sig = {"x_ptr": "*" + dtype, "scores_ptr": "*fp32", "feats_ptr": "*fp32"}
     sig.update({n: "i32" for n in ints}, mag_scale="fp32", eps="fp32")
-    const = dict(CELL=8, PATCH_CELLS=patch_cells, NC_BLOCK=patch_cells ** 2,
+    const = dict(CELL=8, PATCH_CELLS=patch_cells,
+                 NC_BLOCK=triton.next_power_of_2(patch_cells ** 2),
                  WRITE_SCORES=not features, WRITE_FEATURES=features)
     sig.update({k: "constexpr" for k in const})
     k = triton.compile(ASTSource(fn=_hog_kernel, signature=sig, constexprs=const),
