@@ -38,7 +38,8 @@ def _make(B, H, n_q, n_k, D, dtype, mask_kind, seed=0):
             mask[2, n_k // 2] = True           # a sample with a single valid key
     elif mask_kind == "padded":
         mask[0, n_k // 3:] = False             # variable-length set: padding after the last key
-        mask[1, 1:] = False                    # single valid key, the first one
+        mask[1] = False
+        mask[1, -1] = True                     # single valid key, the last: leading blocks all masked
     return q, k, v, mask
 
 
