@@ -25,7 +25,8 @@ Conventions (the MaskFeat / SlowFast `HOGLayerC` ones, not scikit-image's):
 - magnitude = sqrt(gx^2 + gy^2); bin = floor(atan2(gx, gy) / pi * 9) mod 9 (unsigned, 20 degrees).
 - uint8 input is read as raw 0..255 values; gradients are computed in those units (exact integers
   in float32) and the magnitude is multiplied by 1/255. That equals converting the image to [0, 1]
-  first (up to float rounding), but keeps every gradient exact, so the bins of uint8 images are identical on both paths.
+  first (up to float rounding), but keeps every gradient exact, so the bins of uint8 images are
+  identical on both paths.
   float32 / bfloat16 / float16 input is used as is (normalised or not: the op is shift invariant).
 - Bin ties. The kernel has no atan2 (`triton.language` lacks it; libdevice does not run under
   TRITON_INTERPRET=1). It folds (gx, gy) into the half-plane of the unsigned orientation (negate
@@ -59,7 +60,8 @@ FEATURE_EPS = 1e-12
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.uint8)
 # The interior bin edges k*20 deg, k = 1..8, as (cos, sin) in the atan2(gx, gy) frame. The kernel
 # spells the same numbers as literals (tl cannot read a Python list); a test checks they match.
-BIN_EDGES = [(math.cos(k * math.pi / NBINS), math.sin(k * math.pi / NBINS)) for k in range(1, NBINS)]
+BIN_EDGES = [(math.cos(k * math.pi / NBINS), math.sin(k * math.pi / NBINS))
+             for k in range(1, NBINS)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,7 +117,7 @@ def hog_reference(images, cell=CELL):
 
 
 def scores_from_histograms(hist, patch, cell=CELL):
-    """[B, N] HOG energy: mean over the patch's cells and channels of each cell histogram's L2 norm."""
+    """[B, N] HOG energy: mean over the patch's cells and channels of each cell's histogram norm."""
     b = hist.shape[0]
     norms = hist.norm(dim=2)                                   # [B, C, H/cell, W/cell]
     k = patch // cell
@@ -124,7 +126,7 @@ def scores_from_histograms(hist, patch, cell=CELL):
 
 
 def features_from_histograms(hist, eps=FEATURE_EPS):
-    """[B, C*9, H/cell, W/cell]: per-cell, per-channel L2-normalised histograms (MaskFeat targets)."""
+    """[B, C*9, H/cell, W/cell]: per-cell, per-channel L2-normalised histograms (MaskFeat)."""
     b, c, nb, hc, wc = hist.shape
     return F.normalize(hist, p=2, dim=2, eps=eps).reshape(b, c * nb, hc, wc)
 
@@ -322,7 +324,8 @@ def patch_scores(images, patch=16, backend="auto"):
 
 def hog_features(images, cell=CELL, backend="auto"):
     """MaskFeat HOG targets: float32 [B, 27, H/cell, W/cell], each cell's 9-bin histogram per
-    channel L2-normalised (h / max(||h||, 1e-12); all-zero cells stay 0), index = channel*9 + bin."""
+    channel L2-normalised (h / max(||h||, 1e-12); all-zero cells stay 0).
+    Feature index = channel * 9 + bin."""
     _check_images(images, cell, cell, "cell")
     backend = _resolve_backend(images, backend)
     if backend == "torch":

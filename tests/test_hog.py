@@ -148,8 +148,9 @@ def test_kernel_edge_literals_are_the_bin_edges():
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_constant_image_scores_zero(backend):
     for x in (torch.full((1, 3, 16, 32), 0.7), torch.full((1, 3, 16, 16), 200, dtype=torch.uint8)):
-        assert torch.equal(patch_scores(x, 16, backend=backend), torch.zeros(x.shape[0], x.shape[3] // 16))
-        assert torch.equal(hog_features(x, backend=backend), torch.zeros(x.shape[0], 27, 2, x.shape[3] // 8))
+        b, w = x.shape[0], x.shape[3]
+        assert torch.equal(patch_scores(x, 16, backend=backend), torch.zeros(b, w // 16))
+        assert torch.equal(hog_features(x, backend=backend), torch.zeros(b, 27, 2, w // 8))
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -171,12 +172,15 @@ def test_scores_invariant_to_adding_a_constant():
     g = torch.Generator().manual_seed(5)
     x = torch.randint(0, 256, (1, 3, 16, 32), generator=g).float() / 256
     for backend in ("triton", "torch"):
-        assert torch.equal(patch_scores(x + 0.25, 16, backend=backend), patch_scores(x, 16, backend=backend))
+        shifted = patch_scores(x + 0.25, 16, backend=backend)
+        assert torch.equal(shifted, patch_scores(x, 16, backend=backend))
     u8 = torch.randint(0, 200, (1, 3, 16, 32), generator=g, dtype=torch.uint8)
-    assert torch.equal(patch_scores(u8 + 55, 16, backend="triton"), patch_scores(u8, 16, backend="triton"))
+    shifted = patch_scores(u8 + 55, 16, backend="triton")
+    assert torch.equal(shifted, patch_scores(u8, 16, backend="triton"))
     # Generic floats: rounding of x + c perturbs gradients by ~1e-6, so allow a small tolerance.
     y = torch.randn(1, 3, 16, 16, generator=g)
-    assert _rel_err(patch_scores(y + 3.0, 16, backend="triton"), patch_scores(y, 16, backend="torch")) < 1e-3
+    shifted = patch_scores(y + 3.0, 16, backend="triton")
+    assert _rel_err(shifted, patch_scores(y, 16, backend="torch")) < 1e-3
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
