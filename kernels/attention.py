@@ -379,9 +379,8 @@ def _strides(t):
 
 def _key_mask_args(key_mask, q):
     """The mask as uint8 [B, Nk] plus key_end[b] = 1 + index of the sample's last valid key (0 if none)."""
-    if key_mask is None:
-        dummy = torch.zeros(1, dtype=torch.uint8, device=q.device)
-        return dummy, torch.zeros(1, dtype=torch.int32, device=q.device), 0
+    if key_mask is None:   # HAS_MASK=False: the kernels never read these two pointers
+        return q, q, 0
     mask_u8 = key_mask.contiguous().view(torch.uint8)
     n_k = key_mask.shape[1]
     positions = torch.arange(1, n_k + 1, device=key_mask.device, dtype=torch.int32)
