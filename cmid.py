@@ -58,6 +58,7 @@ def get_args_parser():
     g.add_argument("--arch", default=None, choices=["resnet50", "vit_tiny", "vit_small", "vit_base"],
                    help="backbone (resnet50; demo vit_tiny)")
     g.add_argument("--patch-size", type=int, default=None, help="ViT patch size (16)")
+    g.add_argument("--depth", type=int, default=None, help="ViT blocks (default: the arch's 12; tests use 2)")
     g.add_argument("--attn", default="sdpa", choices=["sdpa", "triton"], help="ViT attention kernel")
     g.add_argument("--proj-hidden", type=int, default=None, help="global projector hidden width (2048; demo 512)")
     g.add_argument("--proj-dim", type=int, default=None, help="global projector output (256; demo 128)")
@@ -257,7 +258,7 @@ def build_backbone(args):
     if args.arch == "resnet50":
         return ResNet50()
     dim, depth, heads = VIT_SIZES[args.arch]
-    return VisionTransformer(args.img_size, args.patch_size, dim, depth, heads, args.attn)
+    return VisionTransformer(args.img_size, args.patch_size, dim, args.depth or depth, heads, args.attn)
 
 
 class LocalHead(nn.Module):
@@ -793,7 +794,7 @@ def evaluate(backbone, args, device):
 
 
 # ------------------------------------------------------------------------------------ visualize
-MODEL_KEYS = ("arch", "patch_size", "img_size", "proj_hidden", "proj_dim", "local_hidden", "local_bottleneck",
+MODEL_KEYS = ("arch", "patch_size", "depth", "img_size", "proj_hidden", "proj_dim", "local_hidden", "local_bottleneck",
               "local_out", "mask_patch_size", "mask_ratio", "queue_size")
 
 
