@@ -123,10 +123,9 @@ def resolve_args(args):
     args.out = args.out or f"runs/cmid_{Path(args.data).name}"
     if args.amp is None:
         args.amp = "bf16" if torch.cuda.is_available() else "none"
-    stride = 32 if args.arch == "resnet50" else args.patch_size
-    base = 4 if args.arch == "resnet50" else args.patch_size   # where the mask token is added
-    assert args.img_size % stride == 0 and args.img_size % args.mask_patch_size == 0, "img size vs strides"
-    assert args.mask_patch_size % base == 0, f"--mask-patch-size must be a multiple of {base}"
+    base = 4 if args.arch == "resnet50" else args.patch_size   # the resolution where the mask token is added
+    if args.img_size % 32 or args.img_size % args.mask_patch_size or args.mask_patch_size % base:
+        raise SystemExit(f"--img-size must be a multiple of 32 and of --mask-patch-size, itself a multiple of {base}")
     return args
 
 
@@ -194,8 +193,7 @@ class Attention(nn.Module):
     def __init__(self, dim, heads, backend="sdpa"):
         super().__init__()
         self.heads, self.backend = heads, backend
-        self.qkv = nn.Linear(dim, dim * 3)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv, self.proj = nn.Linear(dim, dim * 3), nn.Linear(dim, dim)
 
     def forward(self, x):
         B, N, D = x.shape
@@ -228,11 +226,10 @@ class VisionTransformer(nn.Module):
         self.stride = self.mask_stride = patch
         self.embed_dim = self.mask_dim = dim
         self.patch_embed = nn.Sequential(OrderedDict(proj=nn.Conv2d(3, dim, patch, patch)))
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.pos_embed = nn.Parameter(torch.randn(1, 1 + (img_size // patch) ** 2, dim) * 0.02)
         self.blocks = nn.ModuleList([Block(dim, heads, backend) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        nn.init.normal_(self.cls_token, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -317,10 +314,8 @@ class Student(nn.Module):
 # -------------------------------------------------------------------------------------- masking
 def random_grid_masks(batch, grid, ratio, device):
     """Section III-B: per image, exactly ceil(ratio*grid^2) cells (30 of 49), uniform. -> bool [B,g,g]."""
-    n = grid * grid
-    n_mask = int(math.ceil(ratio * n))
-    ranks = torch.rand(batch, n, device=device).argsort(1).argsort(1)
-    return (ranks < n_mask).view(batch, grid, grid)
+    ranks = torch.rand(batch, grid * grid, device=device).argsort(1).argsort(1)   # a random permutation
+    return (ranks < math.ceil(ratio * grid * grid)).view(batch, grid, grid)
 
 
 def pixel_mask(mask, size):
@@ -339,8 +334,7 @@ def mean_fill(images, mpix):
 def focal_l1_loss(pred, target, mpix):
     """Section III-B spatial term: |d| * (2 sigmoid(0.2|d|) - 1), mean over masked pixels."""
     d = (pred - target).abs()
-    loss = d * (2 * torch.sigmoid(0.2 * d) - 1)
-    return (loss * mpix).sum() / (mpix.sum() * pred.shape[1]).clamp(min=1)
+    return (d * (2 * torch.sigmoid(0.2 * d) - 1) * mpix).sum() / (mpix.sum() * pred.shape[1]).clamp(min=1)
 
 
 def focal_frequency_loss(pred, target, mpix):
@@ -351,16 +345,14 @@ def focal_frequency_loss(pred, target, mpix):
     comp = pred * mpix + (0.5 * pred.detach() + 0.5 * target) * (1 - mpix)
     diff = torch.fft.fft2(comp, norm="ortho") - torch.fft.fft2(target, norm="ortho")
     dist2 = diff.real ** 2 + diff.imag ** 2
-    with torch.no_grad():
-        w = torch.log1p(dist2.sqrt())
-        w = w / w.amax((-2, -1), keepdim=True).clamp(min=1e-12)
+    w = torch.log1p(dist2.detach().sqrt())                            # the focal weight, no gradient
+    w = w / w.amax((-2, -1), keepdim=True).clamp(min=1e-12)
     return (w * dist2).mean()
 
 
 def infonce_loss(q, k, queue, temp):
     """MoCo-v2 InfoNCE: positive = teacher key of the other view, negatives = the queue."""
-    pos = (q * k).sum(1, keepdim=True)
-    logits = torch.cat([pos, q @ queue.t()], 1) / temp
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.t().to(q.dtype)], 1) / temp
     return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
 
@@ -498,11 +490,8 @@ class Adan(torch.optim.Optimizer):
             torch._foreach_lerp_(m, g, 1 - b1)                                # m = b1 m + (1-b1) g
             torch._foreach_lerp_(v, d, 1 - b2)                                # v = b2 v + (1-b2) d
             u = torch._foreach_add(g, d, alpha=b2)                            # g + b2 d
-            torch._foreach_mul_(n, b3)
-            torch._foreach_addcmul_(n, u, u, value=1 - b3)                    # n = b3 n + (1-b3) u^2
-            denom = torch._foreach_div(n, 1 - b3 ** k)
-            torch._foreach_sqrt_(denom)
-            torch._foreach_add_(denom, group["eps"])
+            torch._foreach_lerp_(n, torch._foreach_mul(u, u), 1 - b3)          # n = b3 n + (1-b3) u^2
+            denom = torch._foreach_add(torch._foreach_sqrt(torch._foreach_div(n, 1 - b3 ** k)), group["eps"])
             update = torch._foreach_div(m, 1 - b1 ** k)
             torch._foreach_add_(update, v, alpha=b2 / (1 - b2 ** k))
             torch._foreach_div_(update, denom)
@@ -539,12 +528,6 @@ def cosine_schedule(base, final, epochs, steps_per_epoch, warmup_epochs=0, warmu
     return np.concatenate([warm, cos])
 
 
-def teacher_temp_schedule(args, steps_per_epoch):
-    warm = np.linspace(args.warmup_teacher_temp, args.teacher_temp, args.warmup_teacher_temp_epochs * steps_per_epoch)
-    rest = np.full(max(0, args.epochs * steps_per_epoch - len(warm)), args.teacher_temp)
-    return np.concatenate([warm, rest])[: args.epochs * steps_per_epoch]
-
-
 # ----------------------------------------------------------------------------------- train loop
 def setup_distributed():
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
@@ -569,13 +552,11 @@ def build_models(args, device, world):
     student = Student(args)
     teacher = copy.deepcopy(student.encoder)
     state = MethodState(args.queue_size, args.proj_dim, args.local_out, args.seed)
-    if world > 1 and args.arch == "resnet50" and device.type == "cuda":
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
-    if args.arch == "resnet50" and device.type == "cuda":
-        student, teacher = student.to(memory_format=torch.channels_last), teacher.to(memory_format=torch.channels_last)
-    for p in teacher.parameters():
-        p.requires_grad = False
+    if args.arch == "resnet50" and device.type == "cuda":   # SyncBatchNorm under DDP; channels-last convs
+        if world > 1:
+            student, teacher = (nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (student, teacher))
+        student, teacher = (m.to(memory_format=torch.channels_last) for m in (student, teacher))
+    teacher.requires_grad_(False)
     return student.to(device), teacher.to(device), state.to(device)
 
 
@@ -602,8 +583,7 @@ def train_step(student, teacher, state, optimizer, scaler, images, aug, sched, s
     scaler.scale(losses["loss"]).backward()
     scaler.step(optimizer)
     scaler.update()
-    enc = student.module.encoder if hasattr(student, "module") else student.encoder
-    ema_update(enc, teacher, sched["momentum"][step])
+    ema_update(unwrap(student).encoder, teacher, sched["momentum"][step])
     state.enqueue(gather_keys(F.normalize(keys.float(), dim=1)))
     state.update_centre(t_local, args.centre_momentum)
     return {k: v.detach() for k, v in losses.items()}
@@ -620,9 +600,8 @@ def set_rng_states(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def unwrap(m):
-    m = getattr(m, "_orig_mod", m)
-    return getattr(m, "module", m)
+def unwrap(m):   # the plain module under torch.compile and DDP
+    return getattr(getattr(m, "_orig_mod", m), "module", getattr(m, "_orig_mod", m))
 
 
 def train(args, device, rank, world):
@@ -633,16 +612,15 @@ def train(args, device, rank, world):
     steps_per_epoch, total_steps = len(loader), len(loader) * args.epochs
     if steps_per_epoch == 0:
         raise ValueError(f"{args.data}: fewer training images than --batch-size {args.batch_size} x {world} ranks")
-    scenes = getattr(loader.dataset, "scenes", None)
-    if rank == 0 and scenes is not None:
-        data.save_splits(scenes, out / "splits.json")
+    if rank == 0 and hasattr(loader.dataset, "scenes"):
+        data.save_splits(loader.dataset.scenes, out / "splits.json")
     student, teacher, state = build_models(args, device, world)
-    optimizer = build_optimizer(student, args)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    optimizer, scaler = build_optimizer(student, args), torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     sched = {"lr": cosine_schedule(args.lr, args.min_lr, args.epochs, steps_per_epoch, args.warmup_epochs,
                                    0.01 * args.lr),
              "momentum": cosine_schedule(args.momentum_teacher, 1.0, args.epochs, steps_per_epoch),
-             "teacher_temp": teacher_temp_schedule(args, steps_per_epoch)}
+             "teacher_temp": np.interp(np.arange(total_steps), [0, args.warmup_teacher_temp_epochs * steps_per_epoch],
+                                       [args.warmup_teacher_temp, args.teacher_temp])}   # linear, then constant
     start_epoch, start_step, sums, rng = 0, 0, None, None
     ckpt_path = out / "checkpoint.pth"
     resume = ckpt_path if args.resume == "auto" else args.resume
@@ -650,8 +628,7 @@ def train(args, device, rank, world):
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
     if resume and Path(resume).is_file():
         ck = torch.load(resume, map_location="cpu", weights_only=False)
-        for name, obj in [("student", student), ("teacher", teacher), ("state", state), ("optimizer", optimizer),
-                          ("scaler", scaler)]:
+        for name, obj in dict(student=student, teacher=teacher, state=state, optimizer=optimizer, scaler=scaler).items():
             obj.load_state_dict(ck[name])
         start_epoch, start_step, sums, rng = ck["epoch"], ck["step_in_epoch"], ck["ranks"][rank]["sums"], ck["ranks"][rank]["rng"]
         if start_step >= steps_per_epoch:
@@ -701,8 +678,7 @@ def train(args, device, rank, world):
                     terms = " ".join(f"{k} {v:.4f}" for k, v in zip(names, vals.tolist()))
                     print(f"epoch {epoch + 1}/{args.epochs} step {i + 1}/{steps_per_epoch} {terms} "
                           f"lr {sched['lr'][step]:.2e} img/s {n_img / dt:.1f} eta {eta / 60:.1f} min", flush=True)
-            stop = args.max_steps is not None and step + 1 >= args.max_steps
-            if stop:
+            if stop := (args.max_steps is not None and step + 1 >= args.max_steps):
                 break
         done = i + 1 == steps_per_epoch
         checkpoint(epoch, i + 1, None if done else sums.cpu())
@@ -729,8 +705,6 @@ def extract_features(backbone, loader, device, args):
     feats, labels = [], []
     for images, y in loader:
         x = data.normalize(images.to(device), CMID_MEAN, CMID_STD)
-        if args.arch == "resnet50" and device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
         with autocast(args, device):
             f, _ = backbone(x)
         feats.append(F.normalize(f.float(), dim=1).cpu())
@@ -840,10 +814,9 @@ def bench(args, device, rank, world):
     """--bench N: N training steps on random uint8 images of the real shape, after 3 warm-up steps."""
     from torch.utils.flop_counter import FlopCounterMode
     student, teacher, state = build_models(args, device, world)
+    optimizer, scaler = build_optimizer(student, args), torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     if world > 1:
         student = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = build_optimizer(student, args)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     sched = {"lr": np.full(args.bench + 4, args.lr), "momentum": np.full(args.bench + 4, 0.996),
              "teacher_temp": np.full(args.bench + 4, 0.04)}
     aug = build_views(args, device)
@@ -855,9 +828,7 @@ def bench(args, device, rank, world):
     if args.compile:
         student, teacher = torch.compile(student), torch.compile(teacher)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for s in range(1, 3):
-        step(s)
-    sync()
+    step(1), step(2), sync()
     torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
     t0 = time.time()
     for s in range(3, 3 + args.bench):

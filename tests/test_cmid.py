@@ -261,3 +261,14 @@ def test_script_trains_evaluates_visualizes_and_benches(tmp_path, run_script):
     from PIL import Image
     assert Image.open(out / "visualize.png").size == (4 * 32, 8 * 32)
     assert cmid.main(TINY + ["--out", str(out), "--bench", "1"]) is None
+
+
+def test_vit_attention_backends_agree():
+    # --attn triton goes through kernels.attention (its torch path on the CPU) and must match SDPA
+    torch.manual_seed(0)
+    a = cmid.VisionTransformer(32, 16, 192, 1, 3, "sdpa")
+    b = cmid.VisionTransformer(32, 16, 192, 1, 3, "triton")
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    (ga, fa), (gb, fb) = a(x), b(x)
+    assert torch.allclose(ga, gb, atol=1e-5) and torch.allclose(fa, fb, atol=1e-5)
