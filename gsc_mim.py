@@ -39,10 +39,6 @@ ARCHS = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 
          "vit_large": (1024, 24, 16)}  # name -> (width, depth, heads)
 
 
-def str2bool(v):
-    return str(v).lower() in ("1", "true", "yes", "y")
-
-
 def get_args_parser():
     p = argparse.ArgumentParser("GSC-MIM", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -62,8 +58,9 @@ def get_args_parser():
     g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth of the student only")
     g.add_argument("--out-dim", type=int, default=None, help="head output dim K (8192; demo 1024)")
     g.add_argument("--head-hidden", type=int, default=2048, help="hidden width of the head MLP")
-    g.add_argument("--norm-last-layer", type=str2bool, default=None, help="fix the row norms of the "
-                   "weight-normed last head layer at 1 (default: false for vit_tiny/small, true larger)")
+    g.add_argument("--norm-last-layer", type=lambda v: str(v).lower() in ("1", "true", "yes"), default=None,
+                   help="fix the row norms of the weight-normed last head layer at 1 "
+                   "(default: false for vit_tiny/small, true for larger)")
     g.add_argument("--attn", default="sdpa", choices=["sdpa", "triton"], help="attention kernel")
     g.add_argument("--compile", action="store_true", help="torch.compile the backbones")
     g = p.add_argument_group("IPC-Masking (paper sec. 2.1)")
@@ -128,13 +125,9 @@ def resolve_defaults(args):
             setattr(args, k, v)
     if args.norm_last_layer is None:  # iBOT: free norms help small ViTs converge
         args.norm_last_layer = args.arch not in ("vit_tiny", "vit_small")
-    if args.load_size is None:
-        args.load_size = round(args.img_size * 8 / 7)
-    if args.amp is None:
-        args.amp = "bf16" if torch.cuda.is_available() else "none"
-    if args.out is None:
-        args.out = f"runs/gsc_mim_{Path(str(args.data)).name}"
-    args.demo = demo
+    args.load_size = args.load_size or round(args.img_size * 8 / 7)
+    args.amp = args.amp or ("bf16" if torch.cuda.is_available() else "none")
+    args.out, args.demo = args.out or f"runs/gsc_mim_{Path(str(args.data)).name}", demo
     return args
 
 
@@ -459,10 +452,9 @@ def update_centers(center_cls, center_patch, teacher_cls, teacher_patch, momentu
 def ema_update(student, teacher, momentum):
     """theta_t <- lambda theta_t + (1 - lambda) theta_s over the parameters they share (sec. 2.2, eq. 3)."""
     s = dict(student.named_parameters())
-    names = [n for n, _ in teacher.named_parameters() if n in s]
-    t_params = [p for n, p in teacher.named_parameters() if n in s]
+    t_params, s_params = zip(*[(p, s[n].detach()) for n, p in teacher.named_parameters() if n in s])
     torch._foreach_mul_(t_params, momentum)
-    torch._foreach_add_(t_params, [s[n].detach() for n in names], alpha=1 - momentum)
+    torch._foreach_add_(t_params, s_params, alpha=1 - momentum)
 
 
 def cosine_schedule(base, final, epochs, niter_per_ep, warmup_epochs=0, start_warmup=0.0):
@@ -511,9 +503,7 @@ def setup_distributed(args):
         dist.init_process_group("nccl" if cuda else "gloo")
     args.device = torch.device(f"cuda:{local}" if cuda else "cpu")
     seed = args.seed + args.rank  # per-rank seed
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
 
 
 def build_run(args, niter_per_ep):
@@ -557,16 +547,14 @@ def train_step(run, images, it, epoch):
             g["weight_decay"] = run.wd_schedule[it]
     images = images.to(dev, non_blocking=True)
     B = images.shape[0]
-    t1, _ = run.aug_t1(images)
-    t2, _ = run.aug_t2(images)
+    (t1, _), (t2, _) = run.aug_t1(images), run.aug_t2(images)
     local = torch.cat([run.aug_local(images)[0] for _ in range(args.local_crops)]) if args.local_crops else None
     gh = args.img_size // args.patch_size
     m1, m2 = ipc_masks(B, gh, gh, args.clean_prob, args.mask_ratio, args.mask_shape)
     masks = np.concatenate([m1, m2])
     index, weight = masked_token_index(masks)
-    pin = dev.type == "cuda"
-    masks_t = torch.from_numpy(masks)
-    masks_t, index, weight = [(t.pin_memory() if pin else t).to(dev, non_blocking=True) for t in (masks_t, index, weight)]
+    masks_t, index, weight = [(t.pin_memory() if dev.type == "cuda" else t).to(dev, non_blocking=True)
+                              for t in (torch.from_numpy(masks), index, weight)]
     views = torch.cat([t1, t2])  # both global crops through the encoder in one call
     tt = float(run.teacher_temp[min(epoch, len(run.teacher_temp) - 1)])
     with torch.autocast(dev.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
@@ -590,18 +578,14 @@ def train_step(run, images, it, epoch):
     return {"loss": loss.detach(), "loss_cls": loss_cls.detach(), "loss_mim": loss_mim.detach()}
 
 
-def rng_state():
-    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
+def rng_state():  # python, numpy (IPC masks), torch cpu and cuda (augmentations, drop-path)
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(s):
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if "cuda" in s and torch.cuda.is_available():
+    random.setstate(s["python"]), np.random.set_state(s["numpy"]), torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
@@ -645,12 +629,9 @@ def train(args):
     resume = str(ckpt_path) if args.resume == "auto" and ckpt_path.exists() else args.resume
     if resume and resume != "auto":
         ck = torch.load(resume, map_location=args.device, weights_only=False)
-        run.student.load_state_dict(ck["student"])
-        run.teacher.load_state_dict(ck["teacher"])
-        run.optimizer.load_state_dict(ck["optimizer"])
-        run.scaler.load_state_dict(ck["scaler"])
-        run.center_cls.copy_(ck["center_cls"])
-        run.center_patch.copy_(ck["center_patch"])
+        for k in ("student", "teacher", "optimizer", "scaler"):
+            getattr(run, k).load_state_dict(ck[k])
+        run.center_cls.copy_(ck["center_cls"]), run.center_patch.copy_(ck["center_patch"])
         start_epoch, start_step, pending_rng = ck["epoch"], ck["step_in_epoch"], ck["rng"]
         sums0 = {k: v.to(args.device) for k, v in ck["epoch_sums"].items()} if start_step else None
         if main_proc:
@@ -732,8 +713,11 @@ def extract_features(backbone, split, args):
 
 
 def linear_probe(x_train, y_train, x_test, y_test, n_classes, weight_decay=5e-4, steps=100):
-    """Linear classifier on L2-normalised frozen features: full-batch L-BFGS (strong Wolfe), zero
-    init, 100 iterations, L2 penalty 5e-4. Fixed hyper-parameters, no tuning on the test split."""
+    """Linear classifier on L2-normalised frozen features, standardised per dimension with the
+    training split's mean/std (MAE's BatchNorm-without-affine before the linear layer): full-batch
+    L-BFGS (strong Wolfe), zero init, 100 iterations, L2 penalty 5e-4. Fixed, no tuning on test."""
+    mean, std = x_train.mean(0), x_train.std(0, unbiased=False) + 1e-6 if len(x_train) > 1 else 1.0
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
     with torch.enable_grad():
         W = torch.zeros(x_train.shape[1], n_classes, device=x_train.device, requires_grad=True)
         b = torch.zeros(n_classes, device=x_train.device, requires_grad=True)
@@ -825,8 +809,8 @@ def visualize(args, n_images=6):
     img = images.float()
     cols = [img, img * (1 - up(m1)) + 128 * up(m1), img * (1 - up(m2)) + 128 * up(m2), 0.5 * img + 0.5 * heat]
     grid = torch.cat([torch.cat([c[i] for c in cols], 2) for i in range(B)], 1)  # row per image
-    Path(args.out).mkdir(parents=True, exist_ok=True)
     path = Path(args.out) / "visualize.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid.clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()).save(path)
     print(f"wrote {path}: columns = input | s1 (m masked) | s2 (1-m masked) | [CLS] attention")
 
@@ -839,7 +823,8 @@ def step_flops(args, n_masked_per_image):
     D, depth, _ = ARCHS[args.arch]
     n = (args.img_size // args.patch_size) ** 2 + 1
     enc = depth * (2 * 12 * D * D * n + 4 * n * n * D)  # qkv/proj/mlp matmuls + attention
-    head_tok = 2 * (D * 2048 + 2048 * 2048 + 2048 * 256 + 256 * args.out_dim)
+    h = args.head_hidden
+    head_tok = 2 * (D * h + h * h + h * 256 + 256 * args.out_dim)
     per_view = enc + head_tok * (1 + n_masked_per_image / 2)
     return 2 * 4 * per_view
 
@@ -864,10 +849,9 @@ def bench(args):
     # share of the step spent in the softmax / cross-entropy of the losses (fwd + bwd) at these shapes
     N = (args.img_size // args.patch_size) ** 2
     M = int(round(args.batch_size * N * (1 - args.clean_prob)))  # expected masked tokens, both views
-    s_p = torch.randn(M, args.out_dim, device=dev, requires_grad=True)
-    t_p, w = torch.randn(M, args.out_dim, device=dev), torch.full((M,), 1.0 / N, device=dev)
-    s_c = torch.randn(2 * args.batch_size, args.out_dim, device=dev, requires_grad=True)
-    t_c = torch.randn(2 * args.batch_size, args.out_dim, device=dev)
+    s_p, t_p, s_c, t_c = [torch.randn(n, args.out_dim, device=dev, requires_grad=g)
+                          for n, g in ((M, True), (M, False), (2 * args.batch_size, True), (2 * args.batch_size, False))]
+    w = torch.full((M,), 1.0 / N, device=dev)
     sync()
     t1 = time.perf_counter()
     for _ in range(3):
@@ -896,12 +880,8 @@ def main(argv=None):
     elif args.export or args.eval_only or args.visualize:
         args.rank, args.world_size = 0, 1
         args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if args.export:
-            export(args)
-        elif args.eval_only:
+        export(args) if args.export else visualize(args) if args.visualize else \
             evaluate(load_teacher_backbone(args.eval_only, args), args)
-        else:
-            visualize(args)
     else:
         setup_distributed(args)
         t0 = time.time()
