@@ -82,8 +82,8 @@ def get_args_parser():
     g.add_argument("--budget-quantile", type=float, default=None, help="quantile (default: --mask-ratio)")
     g.add_argument("--budget-max", type=float, default=2.0, help="padded length = this x K (capped at N - R)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=None, help="epochs (paper 800; demo 8)")
-    g.add_argument("--batch-size", type=int, default=None, help="per process (paper 256; demo 48)")
+    g.add_argument("--epochs", type=int, default=None, help="epochs (paper 800; demo 6)")
+    g.add_argument("--batch-size", type=int, default=None, help="per process (paper 256; demo 32)")
     g.add_argument("--lr", type=float, default=None, help="absolute lr (overrides --blr)")
     g.add_argument("--blr", type=float, default=None, help="base lr per 256 images (paper 1.5e-4; demo 5e-3)")
     g.add_argument("--lr-scale", default="rm", choices=["none", "rm", "mr"],
@@ -111,8 +111,8 @@ def get_args_parser():
 def resolve_args(args):
     """Fill None sentinels: paper settings with --data, the CPU demo without (explicit flags win)."""
     demo = args.data is None
-    defaults = dict(arch="vit_tiny", img_size=64, patch_size=8, epochs=8, batch_size=48, warmup_epochs=1,
-                    decoder_depth=4, workers=0, synthetic_images=600, log_every=5, blr=5e-3) if demo else dict(
+    defaults = dict(arch="vit_tiny", img_size=64, patch_size=8, epochs=6, batch_size=32, warmup_epochs=1,
+                    decoder_depth=4, workers=0, synthetic_images=400, log_every=5, blr=5e-3) if demo else dict(
                     arch="vit_base", img_size=224, patch_size=16, epochs=800, batch_size=256, warmup_epochs=10,
                     decoder_depth=8, workers=8, synthetic_images=1000, log_every=20, blr=1.5e-4)
     for k, v in defaults.items():
