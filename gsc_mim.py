@@ -485,8 +485,11 @@ def clip_gradients(model, clip):
     """Per-parameter clipping (DINO): each gradient's norm at most `clip`, without a host sync."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if clip > 0 and grads:
-        norms = torch._foreach_norm(grads)
-        torch._foreach_mul_(grads, [torch.clamp(clip / (n + 1e-6), max=1.0) for n in norms])
+        coef = torch._foreach_add(torch._foreach_norm(grads), 1e-6)  # min(1, clip / (||g|| + 1e-6))
+        torch._foreach_reciprocal_(coef)
+        torch._foreach_mul_(coef, clip)
+        torch._foreach_clamp_max_(coef, 1.0)
+        torch._foreach_mul_(grads, coef)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -140,6 +140,13 @@ def test_ema_update_and_teacher():
         assert torch.allclose(p, 0.9 * before[n] + 0.1 * s[n]), n
 
 
+def test_per_parameter_clip():
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    a.grad, b.grad = torch.tensor([3.0, 4.0, 0.0]), torch.tensor([0.3, 0.4])
+    gsc.clip_gradients(torch.nn.ParameterList([a, b]), 3.0)
+    assert torch.allclose(a.grad.norm(), torch.tensor(3.0)) and torch.allclose(b.grad, torch.tensor([0.3, 0.4]))
+
+
 def test_schedules():
     tt = gsc.teacher_temperature_schedule(0.04, 0.07, 30, 100)
     assert len(tt) == 100 and tt[0] == pytest.approx(0.04) and tt[29] == pytest.approx(0.07)
@@ -167,7 +174,7 @@ def test_weight_norm_last_layer_and_groups():
 
 def test_loss_falls_when_overfitting_one_batch():
     args = micro_args(epochs=1, batch_size=8, lr=1e-3, clean_prob=0.0, freeze_last_layer=0,
-                      warmup_epochs=0, drop_path=0.0)
+                      warmup_epochs=0, drop_path=0.0, local_crops=2, local_crop_size=16)
     gsc.setup_distributed(args)
     run = gsc.build_run(args, 40)
     images = torch.randint(0, 256, (8, 3, 36, 36), dtype=torch.uint8)
