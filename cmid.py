@@ -51,7 +51,7 @@ def get_args_parser():
     g.add_argument("--data-root", default="./datasets", help="where the named datasets live")
     g.add_argument("--synthetic-images", type=int, default=None, help="size of the synthetic dataset (1000; demo 500)")
     g.add_argument("--img-size", type=int, default=None, help="images are resized to this, crops too (224; demo 64)")
-    g.add_argument("--workers", type=int, default=4, help="DataLoader workers")
+    g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
     g.add_argument("--cache", default=None, help="folder for the uint8 memmap cache (fast path)")
     g.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of failing")
     g = p.add_argument_group("model")
