@@ -143,8 +143,8 @@ class DropPath(nn.Module):
     def forward(self, x):
         if not self.training or self.drop_prob == 0.0:
             return x
-        keep = 1.0 - self.drop_prob
-        return x * x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(keep).div_(keep)
+        keep = 1.0 - self.drop_prob  # one Bernoulli per sample, survivors scaled by 1/keep
+        return x * x.new_empty(x.shape[0], 1, 1).bernoulli_(keep).div_(keep)
 
 
 class PatchEmbed(nn.Module):
@@ -341,24 +341,25 @@ def block_mask(ratios, grid_h, grid_w, rng=np.random, max_tries=10, aspect=(0.3,
     log_lo, log_hi = math.log(aspect[0]), math.log(aspect[1])
     mask = np.zeros((B, grid_h, grid_w), dtype=bool)
     count, tries = np.zeros(B), np.zeros(B, dtype=np.int64)
-    active = count < target
     rows, cols = np.arange(grid_h)[None, :, None], np.arange(grid_w)[None, None, :]
-    while active.any():
-        remaining = target - count
-        area = min_area + (remaining - min_area) * rng.random_sample(B)  # = random.uniform(lo, hi)
-        ar = np.exp(log_lo + (log_hi - log_lo) * rng.random_sample(B))
+    idx = np.flatnonzero(count < target)  # images still drawing rectangles
+    while len(idx):
+        n, remaining = len(idx), target[idx] - count[idx]
+        area = min_area + (remaining - min_area) * rng.random_sample(n)  # = random.uniform(lo, hi)
+        ar = np.exp(log_lo + (log_hi - log_lo) * rng.random_sample(n))
         h = np.rint(np.sqrt(area * ar)).astype(np.int64)
         w = np.rint(np.sqrt(area / ar)).astype(np.int64)
-        top = np.floor(rng.random_sample(B) * (grid_h - h + 1)).astype(np.int64)
-        left = np.floor(rng.random_sample(B) * (grid_w - w + 1)).astype(np.int64)
+        top = np.floor(rng.random_sample(n) * (grid_h - h + 1)).astype(np.int64)
+        left = np.floor(rng.random_sample(n) * (grid_w - w + 1)).astype(np.int64)
         rect = ((rows >= top[:, None, None]) & (rows < (top + h)[:, None, None])
                 & (cols >= left[:, None, None]) & (cols < (left + w)[:, None, None]))
-        new = (rect & ~mask).sum((1, 2))
-        ok = active & (h < grid_h) & (w < grid_w) & (new > 0) & (new <= remaining)
-        mask |= rect & ok[:, None, None]
-        count += np.where(ok, new, 0)
-        tries = np.where(ok, 0, tries + 1)
-        active &= (tries < max_tries) & (count < target)
+        sub = mask[idx]
+        new = (rect & ~sub).sum((1, 2))
+        ok = (h < grid_h) & (w < grid_w) & (new > 0) & (new <= remaining)
+        mask[idx] = sub | (rect & ok[:, None, None])
+        count[idx] += np.where(ok, new, 0)
+        tries[idx] = np.where(ok, 0, tries[idx] + 1)
+        idx = idx[(tries[idx] < max_tries) & (count[idx] < target[idx])]
     return mask.reshape(B, -1)
 
 
@@ -545,9 +546,9 @@ def train_step(run, images, it, epoch):
     """One GSC-MIM step on a uint8 batch; returns detached loss tensors (no host sync)."""
     args, dev, opt = run.args, run.device, run.optimizer
     for i, g in enumerate(opt.param_groups):
-        g["lr"] = run.lr_schedule[it]
+        g["lr"] = float(run.lr_schedule[it])
         if i == 0:
-            g["weight_decay"] = run.wd_schedule[it]
+            g["weight_decay"] = float(run.wd_schedule[it])
     images = images.to(dev, non_blocking=True)
     B = images.shape[0]
     (t1, _), (t2, _) = run.aug_t1(images), run.aug_t2(images)
@@ -618,8 +619,7 @@ def train(args):
     main_proc = args.rank == 0
     if main_proc:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "args.json").write_text(json.dumps({k: v for k, v in vars(args).items() if k != "device"},
-                                                  indent=2, default=str))
+        (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
         print("args: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
     loader = data.build_loader(args.data, args.data_root, "train", size=args.load_size,
                                batch_size=args.batch_size, shuffle=True, drop_last=True, seed=args.seed,
@@ -841,8 +841,7 @@ def bench(args):
     for i in range(3):  # warm-up (and compilation)
         train_step(run, images, 0, 1)
     sync()
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    torch.cuda.reset_peak_memory_stats() if dev.type == "cuda" else None
     t0 = time.perf_counter()
     for i in range(args.bench):
         train_step(run, images, i, 1)
