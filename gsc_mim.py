@@ -795,11 +795,12 @@ def export(args):
 def visualize(args, n_images=6):
     from PIL import Image
     backbone = load_teacher_backbone(args.visualize, args).eval()
-    loader = data.build_loader(args.data, args.data_root, "test", size=args.img_size, batch_size=n_images,
-                               shuffle=False, drop_last=False, seed=args.seed, workers=0,
-                               synthetic_images=args.synthetic_images, distributed=False)
-    images = next(iter(loader))[0][:n_images].to(args.device)
-    B, S, p = len(images), args.img_size, args.patch_size
+    ds = data.build_dataset(args.data, args.data_root, "test", seed=args.seed, img_size=args.img_size,
+                            synthetic_images=args.synthetic_images)
+    S, p = args.img_size, args.patch_size  # n_images spread over the (class-sorted) test split:
+    images = torch.stack([torch.from_numpy(np.array(ds[int(i)][0].resize((S, S), Image.BILINEAR))).permute(2, 0, 1)
+                          for i in np.linspace(0, len(ds) - 1, n_images)]).to(args.device)
+    B = len(images)
     g = S // p
     m1, m2 = ipc_masks(B, g, g, clean_prob=0.0, ratio_range=args.mask_ratio, shape=args.mask_shape)
     att = backbone.last_cls_attention(data.normalize(images)).mean(1).reshape(B, 1, g, g)

@@ -209,7 +209,7 @@ def test_torchrun_two_processes(run_torchrun, tmp_path):
     assert proc.stdout.count("epoch 0 step 3/3") == 1  # rank 0 alone prints; 30 images / 2 ranks / 4
 
 
-def test_export_timm_names_and_eval_only(tmp_path, capsys):
+def test_export_eval_only_visualize(tmp_path, capsys):
     args = micro_args(out=tmp_path)
     student, teacher = gsc.build_student_teacher(args)
     ckpt = tmp_path / "checkpoint.pth"
@@ -232,6 +232,9 @@ def test_export_timm_names_and_eval_only(tmp_path, capsys):
     out = capsys.readouterr().out
     for word in ("linear@1%", "linear@100%", "knn", "random_init"):
         assert word in out
+    gsc.main(["--visualize", str(ckpt), "--data", "synthetic", "--synthetic-images", "40", "--out", str(tmp_path)])
+    from PIL import Image
+    assert Image.open(tmp_path / "visualize.png").size == (4 * 32, 6 * 32)  # 4 columns, 6 images
     res = json.loads((tmp_path / "eval.json").read_text())
     assert set(res) == {"gsc_mim", "random_init"}
     assert all(0 <= v <= 100 for r in res.values() for v in r.values())
