@@ -120,7 +120,8 @@ def resolve_args(args):
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.data = args.data or "synthetic"
-    args.out = args.out or f"runs/cmid_{Path(args.data).name}"
+    ckpt = args.export or args.eval_only or args.visualize   # those write beside their checkpoint
+    args.out = args.out or (str(Path(ckpt).parent) if ckpt else f"runs/cmid_{Path(args.data).name}")
     if args.amp is None:
         args.amp = "bf16" if torch.cuda.is_available() else "none"
     base = 4 if args.arch == "resnet50" else args.patch_size   # the resolution where the mask token is added
@@ -864,11 +865,8 @@ def main(argv=None):
     device = setup_distributed()
     rank, world = data.rank(), data.world_size()
     if args.lr is None:
-        args.lr = args.blr * args.batch_size * world / 256   # linear scaling rule, section IV-A
+        args.lr = args.blr * args.batch_size * world / 256   # linear scaling with the total batch
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        with open(Path(args.out) / "args.json", "w") as f:
-            json.dump(vars(args), f, indent=1)
     if args.export:
         export(args.export, args) if rank == 0 else None
     elif args.eval_only:
@@ -882,6 +880,9 @@ def main(argv=None):
     elif args.bench:
         bench(args, device, rank, world)
     else:
+        if rank == 0:
+            with open(Path(args.out) / "args.json", "w") as f:
+                json.dump(vars(args), f, indent=1)
         t0 = time.time()
         teacher, _ = train(args, device, rank, world)
         if rank == 0:
