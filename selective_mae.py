@@ -625,17 +625,20 @@ def train(args, rank, world, device):
                           flush=True)
             if args.max_steps and global_step >= args.max_steps and it + 1 < steps_per_epoch:
                 save_checkpoint(ckpt_path, core, optimizer, scaler, args, epoch, it + 1, global_step,
-                                {"loss_sum": loss_sum.item(), "n_steps": n_steps})
+                                {"loss_sum": all_mean(loss_sum).item(), "n_steps": n_steps,   # PSTS stage: a
+                                 "psts_stage": psts_stage(global_step / total_steps)[0]})     # function of step
                 if rank == 0:
                     print(f"--max-steps {args.max_steps} reached: checkpoint at epoch {epoch} step {it + 1}")
                 return core, False
         start_step = 0
         epoch_loss = all_mean(loss_sum / max(n_steps, 1)).item()
-        save_checkpoint(ckpt_path, core, optimizer, scaler, args, epoch + 1, 0, global_step, {})
+        save_checkpoint(ckpt_path, core, optimizer, scaler, args, epoch + 1, 0, global_step,
+                        {"psts_stage": psts_stage(global_step / total_steps)[0]})
         if rank == 0:
             record = {"epoch": epoch, "loss": epoch_loss, "lr": float(lrs[(epoch + 1) * steps_per_epoch - 1]),
                       "psts": psts_stage(epoch / args.epochs)[0], "steps": global_step,
-                      "epoch_s": round(time.time() - t_epoch, 2)}
+                      "epoch_s": round(time.time() - t_epoch, 2),
+                      "img_per_s": round(n_steps * args.batch_size * world / (time.time() - t_epoch), 1)}
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
         if args.max_steps and global_step >= args.max_steps:
