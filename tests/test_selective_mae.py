@@ -1,5 +1,6 @@
 """Tests of selective_mae.py: token selection (unit, in-process) and the script's conventions
-(subprocess smoke runs: resume, torchrun, export, eval-only, plain-MAE mode, adaptive budget)."""
+(smoke runs of main() in-process: resume, export, eval-only, visualize, plain-MAE mode, adaptive
+budget; torchrun as a subprocess)."""
 import importlib.util
 import json
 import sys
