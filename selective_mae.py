@@ -850,10 +850,10 @@ def main(argv=None):
         args = args_from_checkpoint(args, ckpt_in)
         model, ckpt = load_model(ckpt_in, args, device)
         out.mkdir(parents=True, exist_ok=True)
-        if args.export:
+        if args.export and rank == 0:
             torch.save(model.encoder.state_dict(), out / "backbone.pth")
             print(f"wrote {out / 'backbone.pth'}: {len(model.encoder.state_dict())} tensors with timm ViT names")
-        if args.visualize:
+        if args.visualize and rank == 0:
             visualize(model, args, device, ckpt["epoch"] / args.epochs)
         if args.eval_only and rank == 0:
             evaluate(model.encoder, args, device)
