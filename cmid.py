@@ -21,6 +21,7 @@ Launch:
 """
 import argparse
 import copy
+import datetime
 import json
 import math
 import os
@@ -530,9 +531,9 @@ def cosine_schedule(base, final, epochs, steps_per_epoch, warmup_epochs=0, warmu
 
 
 # ----------------------------------------------------------------------------------- train loop
-def setup_distributed():
+def setup_distributed():   # the long timeout lets the other ranks wait while rank 0 evaluates
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(hours=3))
     if not torch.cuda.is_available():
         return torch.device("cpu")
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
