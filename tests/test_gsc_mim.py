@@ -172,6 +172,25 @@ def test_weight_norm_last_layer_and_groups():
     assert all(p is not ll.weight_g for g in (decay, no_decay) for p in g["params"])  # frozen norms
 
 
+def test_mask_embedding_replaces_patches_and_clean_prob_one():
+    args = micro_args(clean_prob=1.0, batch_size=4, epochs=1)
+    student, _ = gsc.build_student_teacher(args)
+    vit = student.backbone
+    with torch.no_grad():
+        vit.mask_token.fill_(0.5)
+    x = torch.randn(2, 3, 32, 32)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[0, 3] = mask[1, :8] = True
+    tok = vit.prepare_tokens(x, mask)
+    pos = vit.pos_embed[0, 1:]
+    assert torch.allclose(tok[0, 1 + 3], 0.5 + pos[3]) and torch.allclose(tok[1, 1:9], 0.5 + pos[:8])
+    assert torch.allclose(tok[0, 1 + 4], vit.prepare_tokens(x)[0, 1 + 4])  # visible: untouched
+    gsc.setup_distributed(args)
+    run = gsc.build_run(args, 4)
+    out = gsc.train_step(run, torch.randint(0, 256, (4, 3, 36, 36), dtype=torch.uint8), 0, 0)
+    assert out["loss_mim"].item() == 0.0 and out["loss"].item() == out["loss_cls"].item()  # plain iBOT-style
+
+
 def test_loss_falls_when_overfitting_one_batch():
     args = micro_args(epochs=1, batch_size=8, lr=1e-3, clean_prob=0.0, freeze_last_layer=0,
                       warmup_epochs=0, drop_path=0.0, local_crops=2, local_crop_size=16)
