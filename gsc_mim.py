@@ -205,9 +205,8 @@ class VisionTransformer(nn.Module):
         dim, depth, heads = ARCHS[arch]
         self.patch_size, self.embed_dim = patch_size, dim
         self.patch_embed = PatchEmbed(patch_size, dim)
-        n = (img_size // patch_size) ** 2
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + n, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (img_size // patch_size) ** 2, dim))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))  # e[MASK], initialised 0
         dpr = np.linspace(0, drop_path, depth)  # stochastic depth grows with depth
         self.blocks = nn.ModuleList([Block(dim, heads, float(r), attn) for r in dpr])
@@ -435,8 +434,9 @@ def update_centers(center_cls, center_patch, teacher_cls, teacher_patch, momentu
     """Centring (iBOT): c <- m c + (1 - m) mean(teacher outputs), separately for [CLS] (over both
     global views) and patches (over the teacher patch tokens the loss used). Sums are all-reduced
     across ranks; runs after the loss. No host sync (an empty patch set keeps the old centre)."""
-    stats = torch.cat([teacher_cls.float().sum(0), teacher_patch.float().sum(0),
-                       teacher_cls.new_tensor([len(teacher_cls), len(teacher_patch)], dtype=torch.float32)])
+    count = lambda n: teacher_cls.new_full((1,), n, dtype=torch.float32)  # noqa: E731 (a fill, no H2D copy)
+    stats = torch.cat([teacher_cls.float().sum(0), teacher_patch.float().sum(0), count(len(teacher_cls)),
+                       count(len(teacher_patch))])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(stats)
     K = center_cls.shape[-1]
@@ -871,8 +871,7 @@ def bench(args):
         flops = step_flops(args, N * (1 - args.clean_prob)) * args.batch_size / dt
         mfu = f"{100 * flops / peak:.1f}%" if peak else "n/a (unknown GPU peak)"
         line += f", peak mem {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB, MFU {mfu} ({name})"
-    if args.rank == 0:
-        print(line, flush=True)
+    print(line, flush=True) if args.rank == 0 else None
     return ips
 
 
