@@ -513,7 +513,9 @@ def setup_distributed(args):
 def build_run(args, niter_per_ep):
     """Models, optimiser, augmentations, schedules and method state in one namespace."""
     dev = args.device
-    student, teacher = build_student_teacher(args)
+    with torch.random.fork_rng(devices=[]):  # same initial weights on every rank (the seeds are
+        torch.random.default_generator.manual_seed(args.seed)  # per rank): DDP syncs only the student
+        student, teacher = build_student_teacher(args)
     student, teacher = student.to(dev), teacher.to(dev)
     if args.compile:
         student.backbone.compile()
@@ -756,8 +758,8 @@ def evaluate_backbone(backbone, args):
 
 def evaluate(backbone, args):
     """Teacher vs randomly initialised backbone (the floor); prints a table, writes OUT/eval.json."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
+    with torch.random.fork_rng(devices=[]):  # = the student's initial backbone (see build_run)
+        torch.random.default_generator.manual_seed(args.seed)
         random_net = build_backbone(args).to(args.device)
     res = {"gsc_mim": evaluate_backbone(backbone, args), "random_init": evaluate_backbone(random_net, args)}
     print(f"\n{'backbone':<12} {'linear@1%':>10} {'linear@100%':>12} {'knn':>8}   ({args.data}, {args.arch}/{args.patch_size})")

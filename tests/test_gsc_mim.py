@@ -140,6 +140,20 @@ def test_ema_update_and_teacher():
         assert torch.allclose(p, 0.9 * before[n] + 0.1 * s[n]), n
 
 
+def test_initial_weights_do_not_depend_on_the_rank_seed():
+    """DDP syncs only the student: the teacher (a copy made before the sync) must start equal on
+    every rank although each rank seeds its RNG with seed + rank."""
+    args = micro_args()
+    args.rank, args.world_size, args.device = 0, 1, torch.device("cpu")
+    runs = []
+    for rank_seed in (0, 1):
+        torch.manual_seed(rank_seed)
+        runs.append(gsc.build_run(args, 2))
+    for name in ("student", "teacher"):
+        a, b = (getattr(r, name).state_dict() for r in runs)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
 def test_per_parameter_clip():
     a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
     a.grad, b.grad = torch.tensor([3.0, 4.0, 0.0]), torch.tensor([0.3, 0.4])
