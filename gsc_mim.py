@@ -595,13 +595,23 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def save_checkpoint(run, path, epoch, step_in_epoch, global_step, sums):
+def rank_states(sums):
+    """RNG states and running epoch sums of EVERY rank (collective: all ranks call it), so that each
+    rank resumes its own random streams and loss sums."""
+    mine = {"rng": rng_state(), "sums": {k: v.cpu() for k, v in sums.items()}}
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def save_checkpoint(run, path, epoch, step_in_epoch, global_step, ranks):
     ckpt = {"student": run.student.state_dict(), "teacher": run.teacher.state_dict(),
             "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
             "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-            "args": {k: v for k, v in vars(run.args).items() if k != "device"}, "rng": rng_state(),
-            "center_cls": run.center_cls, "center_patch": run.center_patch,
-            "epoch_sums": {k: v.cpu() for k, v in sums.items()}}
+            "args": {k: v for k, v in vars(run.args).items() if k != "device"}, "ranks": ranks,
+            "center_cls": run.center_cls, "center_patch": run.center_patch}
     tmp = str(path) + ".tmp"
     torch.save(ckpt, tmp)
     os.replace(tmp, path)  # never a torn checkpoint
@@ -637,10 +647,13 @@ def train(args):
         for k in ("student", "teacher", "optimizer", "scaler"):
             getattr(run, k).load_state_dict(ck[k])
         run.center_cls.copy_(ck["center_cls"]), run.center_patch.copy_(ck["center_patch"])
-        start_epoch, start_step, pending_rng = ck["epoch"], ck["step_in_epoch"], ck["rng"]
-        sums0 = {k: v.to(args.device) for k, v in ck["epoch_sums"].items()} if start_step else None
+        start_epoch, start_step = ck["epoch"], ck["step_in_epoch"]
+        if len(ck["ranks"]) == args.world_size:  # else: fresh per-rank streams, not an exact resume
+            pending_rng = ck["ranks"][args.rank]["rng"]
+            sums0 = {k: v.to(args.device) for k, v in ck["ranks"][args.rank]["sums"].items()} if start_step else None
         if main_proc:
-            print(f"resumed from {resume}: epoch {start_epoch} step {start_step}", flush=True)
+            print(f"resumed from {resume}: epoch {start_epoch} step {start_step}"
+                  + ("" if pending_rng else f" (saved by {len(ck['ranks'])} ranks: not exact)"), flush=True)
     global_step = start_epoch * niter + start_step
     total_steps = args.epochs * niter if args.max_steps is None else min(args.max_steps, args.epochs * niter)
     t_start = time.time()
@@ -678,15 +691,17 @@ def train(args):
                 break
         start_step = 0
         if stopped:  # --max-steps inside an epoch: checkpoint the exact position
+            ranks = rank_states(sums)
             if main_proc:
-                save_checkpoint(run, ckpt_path, epoch, it + 1, global_step, sums)
+                save_checkpoint(run, ckpt_path, epoch, it + 1, global_step, ranks)
             break
         stats = reduce_mean(sums, n_done)
         stats.update(epoch=epoch, lr=float(run.lr_schedule[global_step - 1]),
                      wd=float(run.wd_schedule[global_step - 1]), teacher_temp=float(run.teacher_temp[min(epoch, len(run.teacher_temp) - 1)]),
                      momentum=float(run.momentum_schedule[global_step - 1]), time_s=time.time() - t_start)
+        ranks = rank_states(sums)
         if main_proc:
-            save_checkpoint(run, ckpt_path, epoch + 1, 0, global_step, sums)
+            save_checkpoint(run, ckpt_path, epoch + 1, 0, global_step, ranks)
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(stats) + "\n")
     if dist.is_available() and dist.is_initialized():

@@ -235,11 +235,19 @@ def test_exact_resume(tmp_path):
         assert la[0][key] == lb[0][key] and la[1][key] == lb[1][key], (key, la, lb)
 
 
-def test_torchrun_two_processes(run_torchrun, tmp_path):
-    proc = run_torchrun(2, "gsc_mim.py", *TINY, "--batch-size", "4", "--epochs", "1", "--out", tmp_path, "--no-eval")
-    log = read_log(tmp_path)
-    assert len(log) == 1 and math.isfinite(log[0]["loss"])
+def test_torchrun_two_processes_exact_resume(run_torchrun, tmp_path):
+    """2-process gloo run, and the resume recipe under DDP: every rank must get back its own RNG
+    streams and loss sums (the checkpoint is written by rank 0 alone)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    ddp = [*TINY, "--batch-size", "4", "--epochs", "2", "--no-eval"]
+    proc = run_torchrun(2, "gsc_mim.py", *ddp, "--out", a)
     assert proc.stdout.count("epoch 0 step 3/3") == 1  # rank 0 alone prints; 30 images / 2 ranks / 4
+    run_torchrun(2, "gsc_mim.py", *ddp, "--out", b, "--max-steps", "4")  # stops after step 1 of epoch 2
+    run_torchrun(2, "gsc_mim.py", *ddp, "--out", b, "--resume", "auto")
+    la, lb = read_log(a), read_log(b)
+    assert len(la) == len(lb) == 2 and math.isfinite(la[1]["loss"])
+    for key in ("loss", "loss_cls", "loss_mim"):
+        assert la[1][key] == pytest.approx(lb[1][key], rel=1e-6, abs=1e-7), (key, la, lb)
 
 
 def test_export_eval_only_visualize(tmp_path, capsys):
