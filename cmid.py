@@ -273,8 +273,9 @@ class LocalHead(nn.Module):
         self.last_layer.parametrizations.weight.original0.requires_grad = False
 
     def forward(self, fmap):                                        # [B,C,h,w] -> [B,out,h*w]
-        x = self.mlp(fmap.flatten(2).float())
-        return self.last_layer(F.normalize(x, dim=1))
+        x = self.mlp(fmap.flatten(2))
+        with torch.autocast(x.device.type, enabled=False):   # fp32 logits: T 0.04 magnifies bf16 rounding 25x
+            return self.last_layer(F.normalize(x.float(), dim=1))
 
 
 class Encoder(nn.Module):
@@ -434,11 +435,12 @@ def gather_keys(k):
 def cmid_step_losses(student, teacher, state, v1, v2, p1, p2, masks, teacher_temp, args):
     """All CMID losses for one batch of two views. -> (dict of losses, keys, teacher local logits)."""
     mp = [pixel_mask(m, v1.shape[-1]) for m in masks]
-    with torch.no_grad():   # teacher: both views, unmasked
-        k1, t1, _ = teacher(v1)
-        k2, t2, fmap = teacher(v2)
-    q1, s1, r1 = student(mean_fill(v1, mp[0]), masks[0])
-    q2, s2, r2 = student(mean_fill(v2, mp[1]), masks[1])
+    with autocast(args, v1.device):   # the networks in bf16; every loss below in fp32 (their inputs are fp32)
+        with torch.no_grad():   # teacher: both views, unmasked
+            k1, t1, _ = teacher(v1)
+            k2, t2, fmap = teacher(v2)
+        q1, s1, r1 = student(mean_fill(v1, mp[0]), masks[0])
+        q2, s2, r2 = student(mean_fill(v2, mp[1]), masks[1])
     l_mim = sum(focal_l1_loss(r, v, m) + args.w_freq * focal_frequency_loss(r, v, m)
                 for r, v, m in ((r1, v1, mp[0]), (r2, v2, mp[1]))) / 2
     l_global = 0.5 * (infonce_loss(q1, k2, state.queue, args.moco_temp) + infonce_loss(q2, k1, state.queue, args.moco_temp))
@@ -578,9 +580,8 @@ def train_step(student, teacher, state, optimizer, scaler, images, aug, sched, s
         v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
     grid = args.img_size // args.mask_patch_size
     masks = [random_grid_masks(x.shape[0], grid, args.mask_ratio, device) for _ in range(2)]
-    with autocast(args, device):
-        losses, keys, t_local = cmid_step_losses(student, teacher, state, v1, v2, p1, p2, masks,
-                                                 sched["teacher_temp"][step], args)
+    losses, keys, t_local = cmid_step_losses(student, teacher, state, v1, v2, p1, p2, masks,
+                                             sched["teacher_temp"][step], args)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(losses["loss"]).backward()
     scaler.step(optimizer)

@@ -272,3 +272,24 @@ def test_vit_attention_backends_agree():
     x = torch.randn(2, 3, 32, 32)
     (ga, fa), (gb, fb) = a(x), b(x)
     assert torch.allclose(ga, gb, atol=1e-5) and torch.allclose(fa, fb, atol=1e-5)
+
+
+def test_local_logits_are_fp32_under_bf16_autocast():
+    # teacher T 0.04 magnifies the rounding of bf16 logits (spacing 2^-8 near 1) 25x: the weight-normed
+    # last layer runs in fp32 even inside the bf16 autocast that the networks use on the GPU
+    torch.manual_seed(0)
+    head = cmid.LocalHead(16, 32, 8, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(torch.randn(4, 16, 3, 3))
+    assert out.dtype == torch.float32 and out.shape == (4, 64, 9)
+    assert not torch.equal(out, out.bfloat16().float())               # not bf16-rounded values
+
+
+@pytest.mark.parametrize("arch,size", [("vit_tiny", "32"), ("resnet50", "64")])
+def test_bf16_step_runs_and_losses_are_fp32(arch, size):
+    # the GPU's bf16 path (autocast around the networks only) exercised on the CPU
+    args = tiny_args("--arch", arch, "--img-size", size, "--mask-patch-size", "16" if arch == "vit_tiny" else "32",
+                     "--amp", "bf16")
+    _, _, state, hist = one_step(args, batch=2)
+    assert all(math.isfinite(v) for v in hist[0].values())
+    assert state.queue.dtype == torch.float32 and state.centre.dtype == torch.float32
