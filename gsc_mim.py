@@ -71,7 +71,7 @@ def get_args_parser():
     g.add_argument("--mask-ratio", type=float, nargs=2, default=(0.1, 0.5),
                    help="range of the ratio r of m (s1 masks r, s2 masks 1-r)")
     g = p.add_argument_group("losses and temperatures (paper sec. 2.1-2.3)")
-    g.add_argument("--student-temp", type=float, default=0.1)
+    g.add_argument("--student-temp", type=float, default=0.1, help="temperature of the student softmax")
     g.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="teacher temperature at epoch 0")
     g.add_argument("--teacher-temp", type=float, default=0.07, help="teacher temperature after warm-up")
     g.add_argument("--warmup-teacher-temp-epochs", type=int, default=None, help="linear warm-up (30; demo 2)")
@@ -79,10 +79,11 @@ def get_args_parser():
     g.add_argument("--lambda1", type=float, default=1.0, help="weight of the [CLS] (GSD) loss")
     g.add_argument("--lambda2", type=float, default=1.0, help="weight of the patch (MIM) loss")
     g = p.add_argument_group("multi-crop")
-    g.add_argument("--global-crops-scale", type=float, nargs=2, default=(0.25, 1.0))
+    g.add_argument("--global-crops-scale", type=float, nargs=2, default=(0.25, 1.0),
+                   help="area range of the random-resized crops t1, t2 (multi-scale)")
     g.add_argument("--local-crops", type=int, default=0, help="number of small crops ([CLS] loss only)")
     g.add_argument("--local-crop-size", type=int, default=None, help="local crop size (96; demo 32)")
-    g.add_argument("--local-crops-scale", type=float, nargs=2, default=(0.05, 0.25))
+    g.add_argument("--local-crops-scale", type=float, nargs=2, default=(0.05, 0.25), help="area range of local crops")
     g = p.add_argument_group("optimisation (paper sec. 3.1 (5))")
     g.add_argument("--epochs", type=int, default=None, help="300 (demo 4)")
     g.add_argument("--batch-size", type=int, default=None, help="per process (64; demo 32)")
@@ -105,7 +106,7 @@ def get_args_parser():
     g.add_argument("--export", default=None, metavar="CKPT", help="write OUT/backbone.pth (timm names)")
     g.add_argument("--visualize", default=None, metavar="CKPT", help="write OUT/visualize.png")
     g.add_argument("--bench", type=int, default=0, metavar="STEPS", help="benchmark STEPS steps and exit")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="initial weights, splits; each rank adds its rank for its RNG")
     g.add_argument("--log-every", type=int, default=20, help="steps between log lines (host syncs)")
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many global steps")
     g.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
@@ -268,7 +269,8 @@ class WeightNormLinear(nn.Module):
     written out by hand so deepcopy, EMA and state_dict see two plain tensors on any torch."""
     def __init__(self, in_dim, out_dim, fix_norm=True):
         super().__init__()
-        self.weight_v = nn.Parameter(nn.init.trunc_normal_(torch.empty(out_dim, in_dim), std=0.02))
+        bound = in_dim ** -0.5  # nn.Linear's default init, as DINO/iBOT's weight_norm(nn.Linear)
+        self.weight_v = nn.Parameter(nn.init.uniform_(torch.empty(out_dim, in_dim), -bound, bound))
         self.weight_g = nn.Parameter(torch.ones(out_dim), requires_grad=not fix_norm)
 
     def forward(self, x):
@@ -897,6 +899,8 @@ def main(argv=None):
     if args.bench:
         bench(args)
     elif args.export or args.eval_only or args.visualize:
+        if int(os.environ.get("RANK", 0)) != 0:  # launched by torchrun: rank 0 alone writes
+            return
         args.rank, args.world_size = 0, 1
         args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         export(args) if args.export else visualize(args) if args.visualize else \

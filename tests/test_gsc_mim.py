@@ -250,12 +250,16 @@ def test_torchrun_two_processes_exact_resume(run_torchrun, tmp_path):
         assert la[1][key] == pytest.approx(lb[1][key], rel=1e-6, abs=1e-7), (key, la, lb)
 
 
-def test_export_eval_only_visualize(tmp_path, capsys):
+def test_export_eval_only_visualize(tmp_path, capsys, monkeypatch):
     args = micro_args(out=tmp_path)
     student, teacher = gsc.build_student_teacher(args)
     ckpt = tmp_path / "checkpoint.pth"
     torch.save({"student": student.state_dict(), "teacher": teacher.state_dict(),
                 "args": {k: v for k, v in vars(args).items()}}, ckpt)
+    with monkeypatch.context() as m:  # under torchrun, ranks other than 0 write nothing
+        m.setenv("RANK", "1")
+        gsc.main(["--export", str(ckpt), "--out", str(tmp_path)])
+    assert not (tmp_path / "backbone.pth").exists()
     gsc.main(["--export", str(ckpt), "--out", str(tmp_path)])
     sd = torch.load(tmp_path / "backbone.pth")
     expected = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"]
