@@ -105,6 +105,8 @@ def get_args_parser():
     g.add_argument("--log-every", type=int, default=20, help="steps between log lines")
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many global steps")
     g.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    g.add_argument("--eval-feat", default="cls", choices=["cls", "cls+avg"],
+                   help="ViT evaluation features: final-norm [CLS], or [CLS] + mean patch token (ResNet: GAP)")
     return p
 
 
@@ -123,8 +125,7 @@ def resolve_args(args):
     args.data = args.data or "synthetic"
     ckpt = args.export or args.eval_only or args.visualize   # those write beside their checkpoint
     args.out = args.out or (str(Path(ckpt).parent) if ckpt else f"runs/cmid_{Path(args.data).name}")
-    if args.amp is None:
-        args.amp = "bf16" if torch.cuda.is_available() else "none"
+    args.amp = args.amp or ("bf16" if torch.cuda.is_available() else "none")
     base = 4 if args.arch == "resnet50" else args.patch_size   # the resolution where the mask token is added
     if args.img_size % 32 or args.img_size % args.mask_patch_size or args.mask_patch_size % base:
         raise SystemExit(f"--img-size must be a multiple of 32 and of --mask-patch-size, itself a multiple of {base}")
@@ -636,8 +637,7 @@ def train(args, device, rank, world):
         start_epoch, start_step, sums, rng = ck["epoch"], ck["step_in_epoch"], ck["ranks"][rank]["sums"], ck["ranks"][rank]["rng"]
         if start_step >= steps_per_epoch:
             start_epoch, start_step, sums = start_epoch + 1, 0, None
-        if rank == 0:
-            print(f"resumed from {resume}: epoch {start_epoch} step {start_step}")
+        print(f"resumed from {resume}: epoch {start_epoch} step {start_step}") if rank == 0 else None
     if world > 1:
         student = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
@@ -694,8 +694,7 @@ def train(args, device, rank, world):
                     f.write(json.dumps(record) + "\n")
         sums = None
         if stop:
-            if rank == 0:
-                print(f"stopped at --max-steps {args.max_steps}; checkpoint saved")
+            print(f"stopped at --max-steps {args.max_steps}; checkpoint saved") if rank == 0 else None
             break
     return unwrap(teacher), unwrap(student)
 
@@ -703,13 +702,15 @@ def train(args, device, rank, world):
 # ------------------------------------------------------------------------------------- evaluate
 @torch.no_grad()
 def extract_features(backbone, loader, device, args):
-    """Frozen backbone -> L2-normalised global features (ResNet GAP, ViT final-norm [CLS])."""
+    """Frozen backbone -> L2-normalised global features (ResNet GAP, ViT final-norm [CLS] [+ mean patch])."""
     backbone.eval()
     feats, labels = [], []
     for images, y in loader:
         x = data.normalize(images.to(device), CMID_MEAN, CMID_STD)
         with autocast(args, device):
-            f, _ = backbone(x)
+            f, fmap = backbone(x)
+        if args.eval_feat == "cls+avg" and args.arch != "resnet50":
+            f = torch.cat([f, fmap.float().mean((2, 3))], 1)
         feats.append(F.normalize(f.float(), dim=1).cpu())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
@@ -718,8 +719,7 @@ def extract_features(backbone, loader, device, args):
 def linear_probe(xtr, ytr, xte, yte, n_classes, weight_decay=1e-4, iters=300):
     """Softmax regression on L2-normalised features, full-batch L-BFGS, fixed hyper-parameters
     (L2 penalty 1e-4 * |W|^2, 300 iterations, strong-Wolfe line search); never tuned on test."""
-    W = torch.zeros(xtr.shape[1], n_classes, requires_grad=True)
-    b = torch.zeros(n_classes, requires_grad=True)
+    W, b = torch.zeros(xtr.shape[1], n_classes, requires_grad=True), torch.zeros(n_classes, requires_grad=True)
     opt = torch.optim.LBFGS([W, b], lr=1, max_iter=iters, history_size=20, line_search_fn="strong_wolfe")
 
     def closure():
@@ -846,8 +846,7 @@ def bench(args, device, rank, world):
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
         line += f", peak mem {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
         line += f", MFU {100 * flops / step_s / peak:.1f}% of {name}" if peak else f", MFU n/a ({name})"
-    if rank == 0:
-        print(line)
+    print(line) if rank == 0 else None
     return step_s
 
 

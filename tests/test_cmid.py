@@ -293,3 +293,12 @@ def test_bf16_step_runs_and_losses_are_fp32(arch, size):
     _, _, state, hist = one_step(args, batch=2)
     assert all(math.isfinite(v) for v in hist[0].values())
     assert state.queue.dtype == torch.float32 and state.centre.dtype == torch.float32
+
+
+def test_eval_feat_cls_avg_concatenates_mean_patch_token():
+    vit = cmid.VisionTransformer(32, 16, 192, 1, 3)
+    batch = [(torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8), torch.zeros(3, dtype=torch.long))]
+    for feat, dim in (("cls", 192), ("cls+avg", 384)):
+        args = tiny_args("--eval-feat", feat)
+        f, y = cmid.extract_features(vit, batch, torch.device("cpu"), args)
+        assert f.shape == (3, dim) and torch.allclose(f.norm(dim=1), torch.ones(3))
