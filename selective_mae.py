@@ -23,6 +23,7 @@ Launch:
     python selective_mae.py --data synthetic --arch vit_base --batch-size 256 --bench 50
 """
 import argparse
+import datetime
 import json
 import math
 import os
@@ -318,8 +319,9 @@ class SelectiveMAE(nn.Module):
             nn.init.zeros_(m.bias)
 
     def choose_tokens(self, tokens, scores, stage_probs):
-        """Visible indices [B,K'] (+ valid mask or None) and target indices [B,R]; no host sync."""
-        with torch.no_grad():
+        """Visible indices [B,K'] (+ valid mask or None) and target indices [B,R]; no host sync.
+        fp32 even under bf16 autocast: bf16 cosines (8-bit mantissa) would tie near/far choices."""
+        with torch.no_grad(), torch.autocast(tokens.device.type, enabled=False):
             if self.adaptive:
                 vis_idx, valid = adaptive_budget(scores, self.n_pad, max(1, self.n_keep // 4), self.budget_quantile)
             else:
@@ -393,14 +395,14 @@ def round_sizes(total, rounds):
 def psts_select(tokens, scores, n_keep, rounds, seed_select, temp, stage_probs):
     """Progressive semantic token selection (paper sec. 3.2, Alg. 1): [B, n_keep] patch indices.
 
-    Seeds = floor(K/2) top-HOG (or sampled) patches; then `rounds` greedy rounds add the rest. A
+    Seeds = floor(K/2) (at least 1) top-HOG (or sampled) patches; then `rounds` greedy rounds add the rest. A
     candidate's similarity to the selected set is its max cosine similarity to the selected input
     tokens; per image and round the rule is near (most similar), far (least) or random, drawn with
     the curriculum probabilities stage_probs = (P(near), P(far), P(random)) (a [3] tensor)."""
     B, N, _ = tokens.shape
     if seed_select == "random":                                              # MAE random masking
         return torch.rand(B, N, device=tokens.device).topk(n_keep, dim=1).indices
-    n_seed = n_keep // 2 if rounds > 0 else n_keep
+    n_seed = max(1, n_keep // 2) if rounds > 0 else n_keep   # K = 1: one seed (similarity needs a set)
     key = scores.float() if seed_select == "topk" else gumbel_keys(scores, temp)
     selected = key.topk(n_seed, dim=1).indices
     taken = torch.zeros(B, N, dtype=torch.bool, device=tokens.device).scatter_(1, selected, True)
@@ -485,7 +487,9 @@ def build_optimizer(model, args, lr):
 
 # ---------------------------------------------------------------------------------- distributed
 def setup_distributed():
-    """torchrun env -> process group (NCCL on GPU, gloo on CPU). Returns (rank, world, device)."""
+    """torchrun env -> process group (NCCL on GPU, gloo on CPU). Returns (rank, world, device).
+    3 h timeout: the other ranks wait at the final barrier while rank 0 evaluates (NCCL's default
+    10 min watchdog would abort them on a large dataset)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
@@ -494,7 +498,7 @@ def setup_distributed():
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=3))
     return rank, world, device
 
 
@@ -760,18 +764,21 @@ def visualize(model, args, device, progress, n=8):
 
 # ---------------------------------------------------------------------------------------- bench
 def flops_per_image(model, args):
-    """Model FLOPs of one training step per image (forward x 3), matmuls only."""
+    """Model FLOPs of one training step per image (forward x 3, but x 2 for the patch embedding:
+    no image gradient), matmuls only. Matches torch.utils.flop_counter.FlopCounterMode exactly once
+    the attention matmuls (which it does not count for CPU SDPA) are added; PSTS cosines excluded."""
     D, depth = ARCHS[args.arch][0], args.depth or ARCHS[args.arch][1]
     d, L = args.decoder_width, args.decoder_depth
     N, R = model.num_patches, model.n_targets
     T = 1 + (model.n_pad if model.adaptive else model.n_keep)
-    enc = 2 * N * D * 3 * args.patch_size ** 2 + depth * (24 * T * D * D + 4 * T * T * D)
+    embed = 2 * N * D * 3 * args.patch_size ** 2
+    enc = embed + depth * (24 * T * D * D + 4 * T * T * D)
     if args.decoder == "cross":
         dec = 2 * T * D * d + L * (2 * R * d * d + 4 * T * d * d + 4 * R * T * d + 2 * R * d * d + 16 * R * d * d)
     else:
         S = T + R
         dec = 2 * T * D * d + L * (24 * S * d * d + 4 * S * S * d)
-    return 3 * (enc + dec + 2 * R * d * 3 * args.patch_size ** 2)
+    return 3 * (enc + dec + 2 * R * d * 3 * args.patch_size ** 2) - embed
 
 
 def bench(args, device):
@@ -808,7 +815,8 @@ def bench(args, device):
             f"{' adaptive' if args.adaptive_budget else ''} amp={args.amp}: {ips:.1f} images/s, {dt * 1e3:.1f} ms/step")
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12}.items() if k in name), None)
+        peaks = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}   # dense bf16
+        peak = next((v for k, v in peaks.items() if k in name), None)
         mfu = f"{100 * flops_per_image(model, args) * ips / peak:.1f}%" if peak else "n/a"
         line += f", peak mem {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB, MFU {mfu} ({name})"
     else:

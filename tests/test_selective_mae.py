@@ -213,3 +213,77 @@ def test_plain_mae_mode_runs(tmp_path, capsys):
 def test_adaptive_budget_runs(tmp_path, capsys):
     out = run_main(capsys, *[*TINY, "--epochs", "1", "--max-steps", "2", "--out", tmp_path, "--adaptive-budget", "--attn", "triton"])
     assert "max-steps 2 reached" in out
+
+
+def test_single_kept_token_gets_one_seed():
+    """K = 1 (here --mask-ratio 0.9 at N = 16): floor(K/2) = 0 seeds used to crash PSTS (amax over
+    an empty selected set); the one kept token is now the top-HOG seed."""
+    torch.manual_seed(0)
+    tokens, scores = torch.randn(3, 16, 8), torch.rand(3, 16)
+    vis = smae.psts_select(tokens, scores, 1, 2, "topk", 1.0, torch.tensor([1.0, 0, 0]))
+    assert vis.shape == (3, 1) and (vis[:, 0] == scores.argmax(1)).all()
+    model = smae.SelectiveMAE(make_args("--img-size", "32", "--mask-ratio", "0.9"))
+    assert model.n_keep == 1
+    assert torch.isfinite(model(torch.randn(2, 3, 32, 32), torch.rand(2, 16), torch.tensor([1.0, 0, 0]))[0])
+
+
+def test_learning_rate_rule():
+    """lr = blr * total_batch / 256 * (r / m) (CrossMAE rule), --lr-scale none|mr, --lr overrides."""
+    args = make_args("--blr", "1.5e-4")
+    assert smae.learning_rate(args, 256 * 8) == pytest.approx(1.5e-4 * 8 * 0.25 / 0.85)
+    args.lr_scale = "none"
+    assert smae.learning_rate(args, 512) == pytest.approx(3e-4)
+    args.lr_scale = "mr"
+    assert smae.learning_rate(args, 256) == pytest.approx(1.5e-4 * 0.85 / 0.25)
+    args.lr = 1e-3
+    assert smae.learning_rate(args, 256) == 1e-3
+
+
+@pytest.mark.parametrize("attn,decoder", [("sdpa", "cross"), ("triton", "cross"), ("sdpa", "self")])
+def test_adaptive_padding_is_hidden_by_key_masks(attn, decoder):
+    """The padded tokens of --adaptive-budget (valid False) must not change any valid latent or any
+    prediction (key masks, True = attend, in encoder and decoder); without the mask they would."""
+    torch.manual_seed(0)
+    model = smae.SelectiveMAE(make_args("--adaptive-budget", "--attn", attn, "--decoder", decoder)).eval()
+    B, N, P = 2, model.num_patches, model.n_pad
+    tokens, scores = torch.randn(B, N, 192), torch.rand(B, N)
+    vis = torch.stack([torch.randperm(N)[:P] for _ in range(B)])
+    valid = torch.arange(P)[None] < torch.tensor([[3], [P - 2]])             # 3 and P-2 valid tokens
+    tgt = smae.select_targets(scores, vis, valid, model.n_targets, "topk", 1.0)
+    noisy = tokens.clone()
+    pad = smae.gather_tokens(noisy, vis)
+    noisy.scatter_(1, vis.unsqueeze(-1).expand_as(pad), torch.where(valid[..., None], pad, 10 * torch.randn_like(pad)))
+    with torch.no_grad():
+        lat, km = model.encoder.forward_selected(tokens, vis, valid)
+        lat2, _ = model.encoder.forward_selected(noisy, vis, valid)
+        assert km.shape == (B, 1 + P) and km[:, 0].all()
+        assert torch.allclose(lat[km], lat2[km], atol=1e-5)
+        assert torch.allclose(model.decode(lat, vis, tgt, km), model.decode(lat2, vis, tgt, km), atol=1e-5)
+        lat3, _ = model.encoder.forward_selected(noisy, vis, torch.ones_like(valid))
+        assert not torch.allclose(lat[km], lat3[km], atol=1e-3)               # the test can fail
+
+
+def test_compile_default_path_is_one_graph():
+    """torch.compile sees no data-dependent shape: the forward (selection included) is one graph,
+    for the default path and for --adaptive-budget (padded to a fixed length)."""
+    import torch._dynamo
+    for flags in ([], ["--adaptive-budget"]):
+        torch._dynamo.reset()
+        model = smae.SelectiveMAE(make_args(*flags))
+        probs = smae.stage_schedule(2, 3, "cpu")[4]                         # a view, as in train()
+        ex = torch._dynamo.explain(model)(torch.randn(2, 3, 64, 64), torch.rand(2, 64), probs)
+        assert ex.graph_count == 1 and ex.graph_break_count == 0, ex.break_reasons
+    torch._dynamo.reset()
+
+
+def test_process_group_waits_for_rank0_evaluation(monkeypatch):
+    """Ranks > 0 wait at the final barrier while rank 0 evaluates: the process group gets a long
+    timeout (NCCL's default 10 min watchdog would kill them on a large dataset)."""
+    import datetime
+    seen = {}
+    for k, v in (("WORLD_SIZE", "2"), ("RANK", "0"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(smae.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(smae.dist, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw))
+    assert smae.setup_distributed()[1] == 2
+    assert seen["timeout"] >= datetime.timedelta(hours=1)
