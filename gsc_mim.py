@@ -526,7 +526,7 @@ def build_run(args, niter_per_ep):
                   jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2)
     return SimpleNamespace(
         args=args, device=dev, student=student, model=model, teacher=teacher, optimizer=opt,
-        scaler=torch.amp.GradScaler("cuda", enabled=args.amp == "fp16"),
+        scaler=torch.amp.GradScaler(dev.type, enabled=args.amp == "fp16"),
         aug_t1=data.BatchAugment(args.img_size, scale=args.global_crops_scale, blur_p=1.0, **common),
         aug_t2=data.BatchAugment(args.img_size, scale=args.global_crops_scale, blur_p=0.1, solarize_p=0.2, **common),
         aug_local=data.BatchAugment(args.local_crop_size, scale=args.local_crops_scale, blur_p=0.5, **common),

@@ -205,6 +205,18 @@ def test_mask_embedding_replaces_patches_and_clean_prob_one():
     assert out["loss_mim"].item() == 0.0 and out["loss"].item() == out["loss_cls"].item()  # plain iBOT-style
 
 
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_autocast_step_on_cpu(amp):
+    """The mixed-precision paths (dtype mixing in e[MASK]/pos-embed, head, losses; the fp16 scaler on
+    the run's device) run on the CPU too."""
+    args = micro_args(amp=amp, batch_size=4, epochs=1, local_crops=1, local_crop_size=16)
+    gsc.setup_distributed(args)
+    run = gsc.build_run(args, 4)
+    out = gsc.train_step(run, torch.randint(0, 256, (4, 3, 36, 36), dtype=torch.uint8), 0, 1)
+    assert all(math.isfinite(v.item()) for v in out.values())
+    assert run.scaler.is_enabled() == (amp == "fp16")
+
+
 def test_loss_falls_when_overfitting_one_batch():
     args = micro_args(epochs=1, batch_size=8, lr=1e-3, clean_prob=0.0, freeze_last_layer=0,
                       warmup_epochs=0, drop_path=0.0, local_crops=2, local_crop_size=16)
