@@ -108,8 +108,19 @@ def get_args_parser():
     return p
 
 
-def resolve_args(args):
-    """Fill None sentinels: paper settings with --data, the CPU demo without (explicit flags win)."""
+MODEL_KEYS = ("arch", "depth", "patch_size", "img_size", "decoder", "decoder_depth", "decoder_width",
+              "decoder_heads", "mask_ratio", "recon_ratio", "seed_select", "psts_rounds", "target_select",
+              "adaptive_budget", "budget_quantile", "budget_max", "norm_pix_loss", "epochs")
+
+
+def resolve_args(args, saved=None):
+    """Fill None sentinels: paper settings with --data, the CPU demo without (explicit flags win).
+    saved = the args of the checkpoint given to --eval-only/--export/--visualize: its model flags
+    win; without --data its data is used (not the demo's); without --out, OUT = its folder."""
+    if saved is not None and args.data is None:
+        args.data, args.data_root = saved["data"], saved["data_root"]
+        for k in ("synthetic_images", "cache", "workers"):
+            setattr(args, k, saved[k] if getattr(args, k) is None else getattr(args, k))
     demo = args.data is None
     defaults = dict(arch="vit_tiny", img_size=64, patch_size=8, epochs=6, batch_size=32, warmup_epochs=1,
                     decoder_depth=4, workers=0, synthetic_images=400, log_every=5, blr=5e-3) if demo else dict(
@@ -126,6 +137,10 @@ def resolve_args(args):
         args.amp = "bf16" if torch.cuda.is_available() else "none"
     if args.budget_quantile is None:
         args.budget_quantile = args.mask_ratio
+    if saved is not None:
+        for k in MODEL_KEYS:
+            setattr(args, k, saved[k])
+        args.out = args.out or str(Path(args.eval_only or args.export or args.visualize).parent)
     if args.out is None:
         args.out = f"runs/selective_mae_{Path(str(args.data)).name}"
     return args
@@ -826,25 +841,11 @@ def bench(args, device):
 
 
 # ----------------------------------------------------------------------------------------- main
-def load_model(path, args, device):
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    model = SelectiveMAE(args).to(device)
-    model.load_state_dict(ckpt["model"])
-    return model, ckpt
-
-
-def args_from_checkpoint(args, path):
-    """Model-shaping flags come from the checkpoint; run flags (out, data, workers) from the command line."""
-    saved = torch.load(path, map_location="cpu", weights_only=False)["args"]
-    for k in ("arch", "depth", "patch_size", "img_size", "decoder", "decoder_depth", "decoder_width",
-              "decoder_heads", "mask_ratio", "recon_ratio", "seed_select", "psts_rounds", "target_select",
-              "adaptive_budget", "budget_quantile", "budget_max", "norm_pix_loss", "epochs"):
-        setattr(args, k, saved[k])
-    return args
-
-
 def main(argv=None):
-    args = resolve_args(get_args_parser().parse_args(argv))
+    args = get_args_parser().parse_args(argv)
+    ckpt_in = args.eval_only or args.export or args.visualize
+    ckpt = torch.load(ckpt_in, map_location="cpu", weights_only=False) if ckpt_in else None
+    args = resolve_args(args, ckpt["args"] if ckpt else None)
     rank, world, device = setup_distributed()
     seed = args.seed + rank
     random.seed(seed)
@@ -853,10 +854,9 @@ def main(argv=None):
     out = Path(args.out)
     if args.bench:
         return bench(args, device)
-    ckpt_in = args.eval_only or args.export or args.visualize
     if ckpt_in:
-        args = args_from_checkpoint(args, ckpt_in)
-        model, ckpt = load_model(ckpt_in, args, device)
+        model = SelectiveMAE(args).to(device)
+        model.load_state_dict(ckpt["model"])
         out.mkdir(parents=True, exist_ok=True)
         if args.export and rank == 0:
             torch.save(model.encoder.state_dict(), out / "backbone.pth")

@@ -145,14 +145,15 @@ def run_main(capsys, *argv):
 @pytest.fixture(scope="module")
 def tools(tmp_path_factory):
     """A 2-block model trained for 2 steps, then --export, --visualize and --eval-only on its
-    checkpoint in one call (the script accepts the three together). Returns (out folder, stdout)."""
+    checkpoint in one call (the script accepts the three together), with no --out / --data: they
+    must write beside the checkpoint and use its data (40 synthetic images, not the demo's 400).
+    Returns (out folder, stdout)."""
     out = tmp_path_factory.mktemp("smae")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sys, "stdout", __import__("io").StringIO())
         smae.main([*TINY, "--epochs", "1", "--max-steps", "2", "--out", str(out)])
         ckpt = str(out / "checkpoint.pth")
-        smae.main(["--export", ckpt, "--visualize", ckpt, "--eval-only", ckpt, "--out", str(out),
-                   "--synthetic-images", "40", "--workers", "0"])
+        smae.main(["--export", ckpt, "--visualize", ckpt, "--eval-only", ckpt])
         return out, sys.stdout.getvalue()
 
 
@@ -192,7 +193,7 @@ def test_eval_only_prints_the_three_protocols(tools):
     out = tools[1]
     for proto in ("linear@1%", "linear@100%", "knn"):
         assert any(line.startswith(proto) and len(line.split()) == 3 for line in out.splitlines()), out
-    assert "random-init" in out
+    assert "random-init" in out and "evaluation on synthetic (30 train / 10 test" in out   # the checkpoint's data
     results = json.loads((tools[0] / "eval.json").read_text())
     assert set(results) == {"pretrained", "random-init"} and 0 <= results["pretrained"]["knn"] <= 100
 
