@@ -76,7 +76,7 @@ def get_args_parser():
     g.add_argument("--w-freq", type=float, default=1.0, help="weight of the focal frequency term inside MIM")
     g.add_argument("--moco-temp", type=float, default=0.2, help="InfoNCE temperature")
     g.add_argument("--queue-size", type=int, default=None, help="MoCo queue length (65536; demo 4096)")
-    g.add_argument("--local-pairs", type=int, default=20, help="closest cell pairs kept per image")
+    g.add_argument("--local-pairs", type=int, default=20, help="closest cell pairs kept per image (at most the cells)")
     g.add_argument("--student-temp", type=float, default=0.1, help="local-loss student temperature")
     g.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="initial teacher temperature")
     g.add_argument("--teacher-temp", type=float, default=0.07, help="final teacher temperature")
@@ -375,10 +375,11 @@ def cell_centres(boxes, hflip, grid):
 
 
 def match_cells(boxes1, hflip1, boxes2, hflip2, grid, k):
-    """Section III-D: the k (view-1 cell, view-2 cell) pairs with the closest centres. -> [B,k] x 2."""
+    """Section III-D: the k closest (view-1 cell, view-2 cell) pairs -> [B,k] x 2. k <= N cells: on a small
+    map (2x2 at 64 px) 20 would be all N*N pairs, and only the teacher's image average is learnable."""
     c1, c2 = cell_centres(boxes1, hflip1, grid), cell_centres(boxes2, hflip2, grid)
     d = torch.cdist(c1, c2)                                           # [B, N, N]
-    idx = d.flatten(1).topk(min(k, d[0].numel()), dim=1, largest=False).indices
+    idx = d.flatten(1).topk(min(k, grid * grid), dim=1, largest=False).indices
     return idx // d.shape[2], idx % d.shape[2]
 
 
@@ -804,8 +805,7 @@ def visualize(path, args, device, n=8):
     mean, std = (torch.tensor(t, device=device).view(1, 3, 1, 1) for t in (CMID_MEAN, CMID_STD))
     tiles = [((c * std + mean).clamp(0, 1) * 255).byte().permute(0, 2, 3, 1).cpu().numpy() for c in cols]
     grid = np.concatenate([np.concatenate(list(t), 0) for t in tiles], 1)   # rows: images, columns: kinds
-    out = Path(args.out) / "visualize.png"
-    Image.fromarray(grid).save(out)
+    Image.fromarray(grid).save(out := Path(args.out) / "visualize.png")
     print(f"wrote {out} (columns: view, masked input, reconstruction, reconstruction in the masked cells)")
 
 
@@ -855,8 +855,7 @@ def export(path, args):
     """Teacher backbone weights under torchvision ResNet / timm ViT key names -> OUT/backbone.pth."""
     ck, _ = load_checkpoint(path, args)
     sd = {k[len("backbone."):]: v for k, v in ck["teacher"].items() if k.startswith("backbone.")}
-    out = Path(args.out) / "backbone.pth"
-    torch.save(sd, out)
+    torch.save(sd, out := Path(args.out) / "backbone.pth")
     print(f"wrote {out}: {len(sd)} tensors ({ck['args']['arch']}, teacher)")
     return sd
 

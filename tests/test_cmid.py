@@ -50,9 +50,12 @@ def test_cell_matching_uses_pixel_boxes_and_flips():
     no = torch.tensor([False])
     i1, i2 = cmid.match_cells(b1, no, b2, no, 2, 1)
     assert (i1.item(), i2.item()) == (3, 0)                           # both centres at (48,48)
-    # the next 4 pairs are all at distance 32: (1,0) (2,0) (3,1) (3,2)
-    i1, i2 = cmid.match_cells(b1, no, b2, no, 2, 5)
-    assert set(zip(i1[0].tolist(), i2[0].tolist())) == {(3, 0), (1, 0), (2, 0), (3, 1), (3, 2)}
+    # the next 4 pairs are all at distance 32: (1,0) (2,0) (3,1) (3,2); k is capped at the 4 cells
+    i1, i2 = cmid.match_cells(b1, no, b2, no, 2, 20)
+    pairs = set(zip(i1[0].tolist(), i2[0].tolist()))
+    assert i1.shape == (1, 4) and (3, 0) in pairs and pairs < {(3, 0), (1, 0), (2, 0), (3, 1), (3, 2)}
+    i1, _ = cmid.match_cells(b1.expand(3, 4), no.expand(3), b2.expand(3, 4), no.expand(3), 7, 20)
+    assert i1.shape == (3, 20)                                        # the paper's 20 of 49 x 49 pairs
     # view 2 flipped: its column 1 now shows the crop's left half, so (48,48) is cell 1
     i1, i2 = cmid.match_cells(b1, no, b2, torch.tensor([True]), 2, 1)
     assert (i1.item(), i2.item()) == (3, 1)
@@ -302,3 +305,27 @@ def test_eval_feat_cls_avg_concatenates_mean_patch_token():
         args = tiny_args("--eval-feat", feat)
         f, y = cmid.extract_features(vit, batch, torch.device("cpu"), args)
         assert f.shape == (3, dim) and torch.allclose(f.norm(dim=1), torch.ones(3))
+
+
+def test_local_head_centre_and_temperatures_can_learn():
+    # the local path alone (head, EMA teacher, centre, temperatures) on fixed per-cell features: the
+    # loss must leave log(K) and approach its floor, the entropy of the centred, sharpened teacher
+    torch.manual_seed(0)
+    head = cmid.LocalHead(32, 64, 16, 128)
+    teacher = cmid.copy.deepcopy(head).requires_grad_(False)
+    state = cmid.MethodState(8, 4, 128, seed=0)
+    feats = torch.randn(8, 32, 3, 3)
+    opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(20):
+        s = head(feats)
+        with torch.no_grad():
+            t = teacher(feats)
+        loss = cmid.local_distill_loss(s, t, state.centre, 0.1, 0.04)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        cmid.ema_update(head, teacher, 0.99)
+        state.update_centre(t, 0.9)
+    tp = torch.softmax((t - state.centre) / 0.04, 1)
+    floor = -(tp * tp.log()).sum(1).mean().item()
+    assert loss.item() < math.log(128) - 2 and loss.item() - floor < 0.2, (loss.item(), floor)
