@@ -308,6 +308,7 @@ class SelectiveMAE(nn.Module):
         self.adaptive, self.budget_quantile = args.adaptive_budget, args.budget_quantile
         self.n_pad = min(max(self.n_keep, round(args.budget_max * self.n_keep)), N - self.n_targets)
         self.norm_pix, self.decoder_kind = bool(args.norm_pix_loss), args.decoder
+        self.uses_scores = args.adaptive_budget or args.seed_select != "random" or args.target_select != "random"
         self.encoder = VisionTransformer(args.img_size, self.patch, dim, depth, heads, args.attn)
         dd = args.decoder_width
         self.decoder_embed = nn.Linear(dim, dd)
@@ -373,8 +374,11 @@ class SelectiveMAE(nn.Module):
 
 
 # ------------------------------------------------------------------------------------ selection
-def hog_patch_scores(images, patch):
-    """Per-patch HOG energy [B, N] (spec sec. 4; Triton on CUDA, torch reference on CPU)."""
+def hog_patch_scores(images, patch, needed=True):
+    """Per-patch HOG energy [B, N] (spec sec. 4; Triton on CUDA, torch reference on CPU). Zeros when
+    not needed (plain-MAE mode: random seeds and targets), so the baseline pays no HOG cost."""
+    if not needed:
+        return images.new_zeros(images.shape[0], (images.shape[-2] // patch) * (images.shape[-1] // patch))
     from kernels.hog import patch_scores   # lazy: the kernel file may be mid-edit (CONTRACT)
     return patch_scores(images, patch=patch, backend="auto")
 
@@ -608,7 +612,7 @@ def train(args, rank, world, device):
         loader.sampler.set_epoch(epoch)
         batches = rng_neutral(lambda: iter(loader), device)
         loss_sum = torch.zeros((), device=device) + method.get("loss_sum", 0.0)
-        n_steps = method.get("n_steps", 0)
+        n_steps = n_resumed = method.get("n_steps", 0)
         method = {}
         t_epoch = time.time()
         for it in range(steps_per_epoch):
@@ -620,7 +624,7 @@ def train(args, rank, world, device):
                 g["lr"] = lrs[step]
             images = images.to(device, non_blocking=True)
             views, _ = augment(images)
-            scores = hog_patch_scores(views, args.patch_size)
+            scores = hog_patch_scores(views, args.patch_size, core.uses_scores)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 loss = model(views, scores, stages[step])[0]
             optimizer.zero_grad(set_to_none=True)
@@ -656,7 +660,7 @@ def train(args, rank, world, device):
             record = {"epoch": epoch, "loss": epoch_loss, "lr": float(lrs[(epoch + 1) * steps_per_epoch - 1]),
                       "psts": psts_stage(epoch / args.epochs)[0], "steps": global_step,
                       "epoch_s": round(time.time() - t_epoch, 2),
-                      "img_per_s": round(n_steps * args.batch_size * world / (time.time() - t_epoch), 1)}
+                      "img_per_s": round((n_steps - n_resumed) * args.batch_size * world / (time.time() - t_epoch), 1)}
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
         if args.max_steps and global_step >= args.max_steps:
@@ -806,7 +810,7 @@ def bench(args, device):
     probs = torch.tensor(psts_stage(0.0)[1], device=device)
 
     def step():
-        scores = hog_patch_scores(images, args.patch_size)
+        scores = hog_patch_scores(images, args.patch_size, model.uses_scores)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             loss = step_model(images, scores, probs)[0]
         optimizer.zero_grad(set_to_none=True)

@@ -205,7 +205,13 @@ def test_visualize_writes_png(tools):
     assert img.size[0] == 3 * tile and img.size[1] % tile == 0 and img.size[1] >= tile
 
 
-def test_plain_mae_mode_runs(tmp_path, capsys):
+def test_plain_mae_mode_runs(tmp_path, capsys, monkeypatch):
+    """Plain MAE (random seeds and targets) in the same code path, without paying for HOG scores."""
+    import kernels.hog
+
+    def no_hog(*a, **k):
+        raise AssertionError("plain-MAE mode must not compute HOG scores")
+    monkeypatch.setattr(kernels.hog, "patch_scores", no_hog)
     out = run_main(capsys, *[*TINY, "--epochs", "1", "--max-steps", "2", "--out", tmp_path, "--mask-ratio", "0.75",
                 "--recon-ratio", "0.75", "--seed-select", "random", "--target-select", "random", "--decoder", "self"])
     assert "K=16 R=48 decoder=self" in out and "max-steps 2 reached" in out
