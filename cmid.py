@@ -466,12 +466,12 @@ def ema_update(student_encoder, teacher, m):
 
 
 class Adan(torch.optim.Optimizer):
-    """Adan (Xie et al. 2022, arXiv 2208.06677, Alg. 1) with decoupled weight decay ('no_prox').
+    """Adan (Xie et al. 2022, arXiv 2208.06677, Alg. 1) with its proximal decoupled weight decay.
 
     g_k gradient, d_k = g_k - g_{k-1} (0 at the first step):
       m_k = b1 m + (1-b1) g_k;  v_k = b2 v + (1-b2) d_k;  n_k = b3 n + (1-b3) (g_k + b2 d_k)^2
       u_k = (m_k/(1-b1^k) + b2 v_k/(1-b2^k)) / (sqrt(n_k/(1-b3^k)) + eps)
-      theta <- theta (1 - lr wd) - lr u_k
+      theta <- (theta - lr u_k) / (1 + lr wd)      (Alg. 1; the official code's default, no_prox=False)
     (betas written as the official code's 0.98/0.92/0.99, i.e. 1 - the paper's beta.)"""
 
     def __init__(self, params, lr=1e-3, betas=(0.98, 0.92, 0.99), eps=1e-8, weight_decay=0.02):
@@ -501,8 +501,8 @@ class Adan(torch.optim.Optimizer):
             update = torch._foreach_div(m, 1 - b1 ** k)
             torch._foreach_add_(update, v, alpha=b2 / (1 - b2 ** k))
             torch._foreach_div_(update, denom)
-            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])      # decoupled weight decay
             torch._foreach_add_(params, update, alpha=-lr)
+            torch._foreach_div_(params, 1 + lr * group["weight_decay"])      # decoupled (proximal) weight decay
             torch._foreach_copy_(prev, g)
 
 

@@ -120,7 +120,7 @@ def test_adan_two_steps_match_equations():
     p.grad = torch.tensor(g1)
     opt.step()
     # step 1: d = 0, m = (1-b1) g, v = 0, n = (1-b3) g^2 -> bias-corrected update g / (|g| + eps)
-    exp1 = [x * (1 - lr * wd) - lr * g / (abs(g) + eps) for x, g in zip([1.0, -2.0], g1)]
+    exp1 = [(x - lr * g / (abs(g) + eps)) / (1 + lr * wd) for x, g in zip([1.0, -2.0], g1)]
     assert p.tolist() == pytest.approx(exp1, rel=1e-6)
     p.grad = torch.tensor(g2)
     opt.step()
@@ -131,7 +131,7 @@ def test_adan_two_steps_match_equations():
         v = (1 - b2) * d
         n = b3 * (1 - b3) * ga ** 2 + (1 - b3) * (gb + b2 * d) ** 2
         u = (m / (1 - b1 ** 2) + b2 * v / (1 - b2 ** 2)) / (math.sqrt(n / (1 - b3 ** 2)) + eps)
-        exp2.append(x * (1 - lr * wd) - lr * u)
+        exp2.append((x - lr * u) / (1 + lr * wd))                    # Alg. 1: (1 + lr wd)^-1 [theta - lr u]
     assert p.tolist() == pytest.approx(exp2, rel=1e-5)
 
 
