@@ -48,7 +48,8 @@ def get_args_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="AID | NWPU-RESISC45 | UCM | synthetic | folder-per-class "
-                   "path. Omitted: a small CPU demo on synthetic data (ViT-Tiny, 64 px, a few epochs)")
+                   "path. Omitted: a small CPU demo on synthetic data (ViT-Tiny, 64 px, a few epochs), or, with "
+                   "--eval-only/--export/--visualize, the checkpoint's data")
     g.add_argument("--data-root", default="./datasets", help="where the named datasets live")
     g.add_argument("--img-size", type=int, default=None, help="crop size (paper 224; demo 64)")
     g.add_argument("--synthetic-images", type=int, default=None, help="size of the synthetic dataset (1000)")
@@ -92,7 +93,8 @@ def get_args_parser():
     g.add_argument("--warmup-epochs", type=int, default=None, help="linear warm-up epochs (10; demo 1)")
     g.add_argument("--clip-grad", type=float, default=1.0, help="global gradient-norm clip")
     g = p.add_argument_group("run")
-    g.add_argument("--out", default=None, help="run folder (runs/selective_mae_<data>)")
+    g.add_argument("--out", default=None, help="run folder (runs/selective_mae_<data>; the checkpoint's folder for "
+                   "--eval-only/--export/--visualize)")
     g.add_argument("--resume", default=None, help="checkpoint path or 'auto' (OUT/checkpoint.pth if present)")
     g.add_argument("--eval-only", default=None, metavar="CKPT", help="evaluate a checkpoint and exit")
     g.add_argument("--export", default=None, metavar="CKPT", help="write OUT/backbone.pth (timm ViT keys)")
@@ -279,16 +281,17 @@ def gather_tokens(x, idx):
 
 
 def patchify(images, p):
-    """[B,3,H,W] -> [B, N, p*p*3] in MAE's (row, col, channel) pixel order."""
+    """[B,3,H,W] -> [B, N, p*p*3] in MAE's (row, col, channel) pixel order. A permute, not MAE's
+    einsum: CUDA autocast runs einsum in bf16, which would round the fp32 loss targets."""
     B, C, H, W = images.shape
     x = images.reshape(B, C, H // p, p, W // p, p)
-    return torch.einsum("nchpwq->nhwpqc", x).reshape(B, (H // p) * (W // p), p * p * C)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)   # nchpwq -> nhwpqc
 
 
 def unpatchify(x, p, grid):
     B = x.shape[0]
     x = x.reshape(B, grid, grid, p, p, 3)
-    return torch.einsum("nhwpqc->nchpwq", x).reshape(B, 3, grid * p, grid * p)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(B, 3, grid * p, grid * p)              # nhwpqc -> nchpwq
 
 
 class SelectiveMAE(nn.Module):

@@ -294,3 +294,11 @@ def test_process_group_waits_for_rank0_evaluation(monkeypatch):
     monkeypatch.setattr(smae.dist, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw))
     assert smae.setup_distributed()[1] == 2
     assert seen["timeout"] >= datetime.timedelta(hours=1)
+
+
+def test_patchify_is_mae_order_and_unpatchify_inverts():
+    """patchify = MAE's einsum 'nchpwq->nhwpqc' (done as a permute so CUDA autocast cannot round
+    the loss targets to bf16); unpatchify is its inverse."""
+    x = torch.randn(2, 3, 32, 32)
+    mae = torch.einsum("nchpwq->nhwpqc", x.reshape(2, 3, 4, 8, 4, 8)).reshape(2, 16, 192)
+    assert torch.equal(smae.patchify(x, 8), mae) and torch.equal(smae.unpatchify(mae, 8, 4), x)
