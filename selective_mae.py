@@ -580,6 +580,9 @@ def train(args, rank, world, device):
                                 jitter_p=0.0, gray_p=0.0).to(device)   # RRC + flips + 90-degree turns
     model = SelectiveMAE(args).to(device)
     steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:   # drop_last with fewer training images per rank than one batch
+        raise SystemExit(f"{args.data}: fewer training images per process than --batch-size {args.batch_size} "
+                         f"(world {world}); lower --batch-size")
     total_steps = args.epochs * steps_per_epoch
     lr = learning_rate(args, args.batch_size * world)
     lrs = cosine_schedule(lr, total_steps, args.warmup_epochs * steps_per_epoch)

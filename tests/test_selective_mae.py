@@ -302,3 +302,9 @@ def test_patchify_is_mae_order_and_unpatchify_inverts():
     x = torch.randn(2, 3, 32, 32)
     mae = torch.einsum("nchpwq->nhwpqc", x.reshape(2, 3, 4, 8, 4, 8)).reshape(2, 16, 192)
     assert torch.equal(smae.patchify(x, 8), mae) and torch.equal(smae.unpatchify(mae, 8, 4), x)
+
+
+def test_too_small_dataset_stops_with_a_clear_message(tmp_path, capsys):
+    """30 training images and batch 64: no step per epoch (drop_last) -> a one-line exit, not an IndexError."""
+    with pytest.raises(SystemExit, match="lower --batch-size"):
+        run_main(capsys, *TINY, "--batch-size", "64", "--epochs", "1", "--out", tmp_path)
