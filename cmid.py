@@ -112,6 +112,10 @@ def get_args_parser():
 
 def resolve_args(args):
     """Fill the None sentinels: the paper's settings with --data, the CPU demo without it."""
+    if args.data is None and (args.eval_only or args.visualize):   # the checkpoint's own data, not the demo's
+        saved = torch.load(args.eval_only or args.visualize, map_location="cpu", weights_only=False, mmap=True)["args"]
+        args.data, args.synthetic_images = saved["data"], args.synthetic_images or saved["synthetic_images"]
+        args.data_root = saved["data_root"] if args.data_root == "./datasets" else args.data_root
     demo = args.data is None
     paper = dict(synthetic_images=1000, img_size=224, arch="resnet50", patch_size=16, proj_hidden=2048,
                  proj_dim=256, local_hidden=2048, local_bottleneck=256, local_out=2048,
@@ -120,8 +124,7 @@ def resolve_args(args):
                  proj_dim=128, local_hidden=512, local_bottleneck=128, local_out=512,
                  mask_patch_size=16, queue_size=4096, epochs=3, batch_size=32, warmup_epochs=1)
     for k, v in (small if demo else paper).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     args.data = args.data or "synthetic"
     ckpt = args.export or args.eval_only or args.visualize   # those write beside their checkpoint
     args.out = args.out or (str(Path(ckpt).parent) if ckpt else f"runs/cmid_{Path(args.data).name}")
@@ -788,8 +791,7 @@ def visualize(path, args, device, n=8):
     """PNG grid, one row per image: view | masked input | reconstruction | reconstruction pasted."""
     from PIL import Image
     ck, margs = load_checkpoint(path, args)
-    student = Student(margs)
-    student.load_state_dict(ck["student"])
+    (student := Student(margs)).load_state_dict(ck["student"])
     student = student.to(device).eval()
     ld = data.build_loader(args.data, args.data_root, "test", size=margs.img_size, batch_size=n, shuffle=False,
                            drop_last=False, seed=args.seed, workers=0, synthetic_images=args.synthetic_images,
@@ -872,8 +874,7 @@ def main(argv=None):
     elif args.eval_only:
         if rank == 0:
             ck, margs = load_checkpoint(args.eval_only, args)
-            enc = Encoder(margs)
-            enc.load_state_dict(ck["teacher"])
+            (enc := Encoder(margs)).load_state_dict(ck["teacher"])
             evaluate(enc.backbone.to(device), margs, device)
     elif args.visualize:
         visualize(args.visualize, args, device) if rank == 0 else None

@@ -253,7 +253,7 @@ def test_export_uses_torchvision_and_timm_names(tmp_path):
         assert torch.load(tmp_path / "backbone.pth").keys() == sd.keys()
 
 
-def test_script_trains_evaluates_visualizes_and_benches(tmp_path, run_script):
+def test_script_trains_evaluates_visualizes_and_benches(tmp_path, run_script, capsys):
     out = tmp_path / "run"
     proc = run_script("cmid.py", *TINY, "--epochs", "1", "--out", out)
     assert "linear@1%" in proc.stdout and "random init" in proc.stdout
@@ -263,6 +263,10 @@ def test_script_trains_evaluates_visualizes_and_benches(tmp_path, run_script):
     cmid.main(TINY + ["--out", str(out), "--visualize", str(out / "checkpoint.pth")])
     from PIL import Image
     assert Image.open(out / "visualize.png").size == (4 * 32, 8 * 32)
+    capsys.readouterr()
+    cmid.main(["--eval-only", str(out / "checkpoint.pth"), "--workers", "0"])   # no --data: the checkpoint's
+    header = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("evaluation on")]
+    assert header == [ln for ln in proc.stdout.splitlines() if ln.startswith("evaluation on")]
     assert cmid.main(TINY + ["--out", str(out), "--bench", "1"]) is None
 
 
