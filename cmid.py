@@ -538,13 +538,13 @@ def cosine_schedule(base, final, epochs, steps_per_epoch, warmup_epochs=0, warmu
 
 
 # ----------------------------------------------------------------------------------- train loop
-def setup_distributed():   # the long timeout lets the other ranks wait while rank 0 evaluates
+def setup_distributed():   # device first, so NCCL binds each rank to its own GPU; the long timeout lets
+    cuda = torch.cuda.is_available()   # the other ranks wait while rank 0 evaluates
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    torch.cuda.set_device(device) if cuda else None
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(hours=3))
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=3))
+    return device
 
 
 def build_views(args, device):
