@@ -81,7 +81,7 @@ def get_args_parser():
     g.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="initial teacher temperature")
     g.add_argument("--teacher-temp", type=float, default=0.07, help="final teacher temperature")
     g.add_argument("--warmup-teacher-temp-epochs", type=int, default=50, help="linear teacher-temp warm-up")
-    g.add_argument("--centre-momentum", type=float, default=0.9, help="EMA momentum of the local centre")
+    g.add_argument("--center-momentum", type=float, default=0.9, help="EMA momentum of the local centre")
     g.add_argument("--momentum-teacher", type=float, default=0.996, help="EMA momentum, cosine to 1")
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", default="adan", choices=["adan", "adamw"], help="Adan (official) or AdamW")
@@ -593,7 +593,7 @@ def train_step(student, teacher, state, optimizer, scaler, images, aug, sched, s
     scaler.update()
     ema_update(unwrap(student).encoder, teacher, sched["momentum"][step])
     state.enqueue(gather_keys(F.normalize(keys.float(), dim=1)))
-    state.update_centre(t_local, args.centre_momentum)
+    state.update_centre(t_local, args.center_momentum)
     return {k: v.detach() for k, v in losses.items()}
 
 
