@@ -37,6 +37,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data  # the repo's data.py: datasets, splits, loaders, batched GPU augmentation
+
 ARCHS = {  # name: (width, depth, heads); decoder (width, heads) per CrossMAE: 256/8 small, 512/16 else
     "vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12),
     "vit_large": (1024, 24, 16)}
@@ -55,6 +57,7 @@ def get_args_parser():
     g.add_argument("--synthetic-images", type=int, default=None, help="size of the synthetic dataset (1000)")
     g.add_argument("--workers", type=int, default=None, help="loader workers per process (8; demo 0)")
     g.add_argument("--cache", default=None, help="folder for the decoded uint8 memmap cache (fast path)")
+    g.add_argument("--skip-bad", action="store_true", help="log and skip unreadable images instead of failing")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default=None, choices=list(ARCHS), help="encoder (paper vit_base; demo vit_tiny)")
     g.add_argument("--depth", type=int, default=None, help="override the encoder depth (tiny tests)")
@@ -100,7 +103,7 @@ def get_args_parser():
     g.add_argument("--export", default=None, metavar="CKPT", help="write OUT/backbone.pth (timm ViT keys)")
     g.add_argument("--visualize", default=None, metavar="CKPT", help="write OUT/visualize.png and exit")
     g.add_argument("--bench", type=int, default=0, metavar="STEPS", help="benchmark STEPS steps on random tensors")
-    g.add_argument("--skip-eval", action="store_true", help="no evaluation after training (smoke runs)")
+    g.add_argument("--no-eval", action="store_true", help="no evaluation after training (smoke runs)")
     g.add_argument("--eval-feat", default="cls", choices=["cls", "cls+avg"], help="evaluation features")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"], help="autocast (bf16 on GPU, none on CPU)")
@@ -571,11 +574,10 @@ def save_checkpoint(path, model, optimizer, scaler, args, epoch, step_in_epoch, 
 
 
 def train(args, rank, world, device):
-    import data
     out = Path(args.out)
     loader = data.build_loader(args.data, args.data_root, "train", size=args.img_size, batch_size=args.batch_size,
                                shuffle=True, drop_last=True, seed=args.seed, workers=args.workers, cache=args.cache,
-                               synthetic_images=args.synthetic_images, distributed=world > 1)
+                               synthetic_images=args.synthetic_images, skip_bad=args.skip_bad, distributed=world > 1)
     augment = data.BatchAugment(args.img_size, scale=(0.2, 1.0), hflip=0.5, vflip=0.5, rot90=0.5,
                                 jitter_p=0.0, gray_p=0.0).to(device)   # RRC + flips + 90-degree turns
     model = SelectiveMAE(args).to(device)
@@ -679,7 +681,6 @@ def train(args, rank, world, device):
 # ------------------------------------------------------------------------------------- evaluate
 @torch.no_grad()
 def extract_features(encoder, loader, device, feat):
-    import data
     encoder.eval()
     feats, labels = [], []
     for images, y in loader:
@@ -719,11 +720,11 @@ def knn_classify(train_f, train_y, test_f, test_y, n_classes, k=20, temp=0.07):
 
 def evaluate(encoder, args, device):
     """linear@1%, linear@100%, kNN for the trained encoder and a random-init one (the floor)."""
-    import data
     def loader(split):
         return data.build_loader(args.data, args.data_root, split, size=args.img_size, batch_size=64,
                                  shuffle=False, drop_last=False, seed=args.seed, workers=args.workers,
-                                 cache=args.cache, synthetic_images=args.synthetic_images, distributed=False)
+                                 cache=args.cache, synthetic_images=args.synthetic_images, skip_bad=args.skip_bad,
+                                 distributed=False)
     loaders = {s: loader(s) for s in ("train", "train1", "test")}
     n_classes = len(loaders["train"].dataset.classes)
     torch.manual_seed(args.seed)
@@ -751,11 +752,10 @@ def evaluate(encoder, args, device):
 def visualize(model, args, device, progress, n=8):
     """PNG grid, one row per image: input | visible patches (dimmed = masked, red = targets) |
     input with the reconstructed targets pasted in (norm-pix predictions de-normalised per patch)."""
-    import data
     from PIL import Image
     loader = data.build_loader(args.data, args.data_root, "test", size=args.img_size, batch_size=n,
                                shuffle=False, drop_last=False, seed=args.seed, workers=0, cache=args.cache,
-                               synthetic_images=args.synthetic_images, distributed=False)
+                               synthetic_images=args.synthetic_images, skip_bad=args.skip_bad, distributed=False)
     images = data.normalize(next(iter(loader))[0].to(device))
     model.eval()
     probs = torch.tensor(psts_stage(progress)[1], device=device)
@@ -884,7 +884,7 @@ def main(argv=None):
     model, finished = train(args, rank, world, device)
     if rank == 0:
         print(f"training took {time.time() - t0:.1f} s")
-    if finished and not args.skip_eval and rank == 0:
+    if finished and not args.no_eval and rank == 0:
         evaluate(model.encoder, args, device)
     if dist.is_initialized():
         dist.barrier()

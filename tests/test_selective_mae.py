@@ -162,7 +162,7 @@ def epoch_losses(out):
 
 
 def test_exact_resume_reproduces_uninterrupted_losses(tmp_path, capsys):
-    common = [*TINY, "--epochs", "2", "--skip-eval", "--synthetic-images", "40"]   # 32 train -> 3 steps/epoch
+    common = [*TINY, "--epochs", "2", "--no-eval", "--synthetic-images", "40"]   # 32 train -> 3 steps/epoch
     run_main(capsys, *common, "--out", tmp_path / "a")
     out = run_main(capsys, *common, "--out", tmp_path / "b", "--max-steps", "5")  # stops mid-epoch 2
     assert "--max-steps 5 reached" in out and len(epoch_losses(tmp_path / "b")) == 1
@@ -174,7 +174,7 @@ def test_exact_resume_reproduces_uninterrupted_losses(tmp_path, capsys):
 
 def test_torchrun_two_processes_run_two_steps(run_torchrun, tmp_path):
     proc = run_torchrun(2, "selective_mae.py", *TINY, "--epochs", "1", "--max-steps", "2", "--out", tmp_path,
-                        "--synthetic-images", "80", "--skip-eval")     # 64 train images: 4 steps per rank
+                        "--synthetic-images", "80", "--no-eval")     # 64 train images: 4 steps per rank
     assert "max-steps 2 reached" in proc.stdout and "world 2" in proc.stdout
     assert (tmp_path / "checkpoint.pth").exists()
 
