@@ -80,6 +80,29 @@ def _program_ids(N, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _block_and_head(N, BLOCK: tl.constexpr, H):
+    """(block index, batch * head, batch, head) of this program; batch and head as int64 offsets."""
+    start, off_bh = _program_ids(N, BLOCK)
+    return start, off_bh, (off_bh // H).to(tl.int64), (off_bh % H).to(tl.int64)
+
+
+@triton.jit
+def _row_tile(Ptr, b, h, rows, offs_d, stride_b, stride_h, stride_n, stride_d, N):
+    """The [rows, D] tile of sample b, head h of a [B, H, N, D] tensor (zeros past N)."""
+    return tl.load(Ptr + b * stride_b + h * stride_h + rows[:, None] * stride_n + offs_d[None, :] * stride_d,
+                   mask=(rows < N)[:, None], other=0.0)
+
+
+@triton.jit
+def _key_end(KeyEnd, b, N_K, HAS_MASK: tl.constexpr):
+    """1 + the sample's last valid key: key blocks from there on are all masked and are skipped."""
+    key_end = N_K
+    if HAS_MASK:
+        key_end = tl.load(KeyEnd + b)
+    return key_end
+
+
+@triton.jit
 def _key_block(K, V, KeyMask, b, stride_kn, stride_kd, stride_vn, stride_vd, stride_mb,
                cols, offs_d, N_K, HAS_MASK: tl.constexpr):
     """K and V tiles [BLOCK_N, D] (zeros past N_K) and which of these keys may be attended."""
@@ -125,20 +148,14 @@ def _attn_fwd(Q, K, V, KeyMask, KeyEnd, Out, LSE,
               HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     # Program (query block, batch * head): out = softmax(q k^T) v over the valid keys, and the LSE.
-    start_m, off_bh = _program_ids(N_Q, BLOCK_M)
-    b = (off_bh // H).to(tl.int64)
-    h = (off_bh % H).to(tl.int64)
+    start_m, off_bh, b, h = _block_and_head(N_Q, BLOCK_M, H)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_in = offs_m < N_Q
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=row_in[:, None], other=0.0)
+    q = _row_tile(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_qd, N_Q)
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
-    # Keys at or past key_end (1 + the sample's last valid key) are all masked: the loop stops there.
-    key_end = N_K
-    if HAS_MASK:
-        key_end = tl.load(KeyEnd + b)
+    key_end = _key_end(KeyEnd, b, N_K, HAS_MASK)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)   # running row max (base 2)
     l_i = tl.zeros([BLOCK_M], tl.float32)                  # running row sum of exp2(s - m)
@@ -172,17 +189,12 @@ def _attn_bwd_preprocess(Out, DOut, Delta,
                          stride_db, stride_dh, stride_dm, stride_dd,
                          H, N_Q, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     # delta_i = sum_d dO_id O_id (= sum_j P_ij dP_ij): the softmax-backward correction term.
-    start_m, off_bh = _program_ids(N_Q, BLOCK_M)
-    b = (off_bh // H).to(tl.int64)
-    h = (off_bh % H).to(tl.int64)
+    start_m, off_bh, b, h = _block_and_head(N_Q, BLOCK_M, H)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_in = offs_m < N_Q
-    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-                mask=row_in[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DOut + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + offs_d[None, :] * stride_dd,
-                 mask=row_in[:, None], other=0.0).to(tl.float32)
-    tl.store(Delta + off_bh.to(tl.int64) * N_Q + offs_m, tl.sum(o * do, 1), mask=row_in)
+    o = _row_tile(Out, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_om, stride_od, N_Q).to(tl.float32)
+    do = _row_tile(DOut, b, h, offs_m, offs_d, stride_db, stride_dh, stride_dm, stride_dd, N_Q).to(tl.float32)
+    tl.store(Delta + off_bh.to(tl.int64) * N_Q + offs_m, tl.sum(o * do, 1), mask=offs_m < N_Q)
 
 
 @triton.jit
@@ -228,9 +240,7 @@ def _attn_bwd_dkdv(Q, K, V, KeyMask, KeyEnd, DOut, LSE, Delta, DK, DV,
                    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     # Program (key block, batch * head): dK and dV of these keys, summed over ALL query blocks.
     # Everything is computed transposed ([keys, queries]) so the key block stays in registers.
-    start_n, off_bh = _program_ids(N_K, BLOCK_N)
-    b = (off_bh // H).to(tl.int64)
-    h = (off_bh % H).to(tl.int64)
+    start_n, off_bh, b, h = _block_and_head(N_K, BLOCK_N, H)
     cols = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     k, v, key_ok = _key_block(K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh, KeyMask, b,
@@ -292,23 +302,17 @@ def _attn_bwd_dq(Q, K, V, KeyMask, KeyEnd, DOut, LSE, Delta, DQ,
                  HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
     # Program (query block, batch * head): dQ of these queries, summed over ALL key blocks.
-    start_m, off_bh = _program_ids(N_Q, BLOCK_M)
-    b = (off_bh // H).to(tl.int64)
-    h = (off_bh % H).to(tl.int64)
+    start_m, off_bh, b, h = _block_and_head(N_Q, BLOCK_M, H)
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_in = rows < N_Q
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=row_in[:, None], other=0.0)
-    do = tl.load(DOut + b * stride_db + h * stride_dh + rows[:, None] * stride_dm + offs_d[None, :] * stride_dd,
-                 mask=row_in[:, None], other=0.0)
+    q = _row_tile(Q, b, h, rows, offs_d, stride_qb, stride_qh, stride_qm, stride_qd, N_Q)
+    do = _row_tile(DOut, b, h, rows, offs_d, stride_db, stride_dh, stride_dm, stride_dd, N_Q)
     lse = _load_lse(LSE, off_bh, rows, N_Q)
     delta = tl.load(Delta + off_bh.to(tl.int64) * N_Q + rows, mask=row_in, other=0.0)
     K += b * stride_kb + h * stride_kh
     V += b * stride_vb + h * stride_vh
-    key_end = N_K
-    if HAS_MASK:
-        key_end = tl.load(KeyEnd + b)
+    key_end = _key_end(KeyEnd, b, N_K, HAS_MASK)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if INTERPRET:
