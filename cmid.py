@@ -561,9 +561,9 @@ def build_models(args, device, world):
     student = Student(args)
     teacher = copy.deepcopy(student.encoder)
     state = MethodState(args.queue_size, args.proj_dim, args.local_out, args.seed)
-    if args.arch == "resnet50" and device.type == "cuda":   # SyncBatchNorm under DDP; channels-last convs
-        if world > 1:
-            student, teacher = (nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (student, teacher))
+    if device.type == "cuda" and world > 1:   # every BatchNorm (ResNet's, the local head's) on the global batch
+        student, teacher = (nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (student, teacher))
+    if args.arch == "resnet50" and device.type == "cuda":   # channels-last convs
         student, teacher = (m.to(memory_format=torch.channels_last) for m in (student, teacher))
     teacher.requires_grad_(False)
     return student.to(device), teacher.to(device), state.to(device)
@@ -604,8 +604,14 @@ def rng_states():
 
 def set_rng_states(s):
     random.setstate(s["python"]), np.random.set_state(s["numpy"]), torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    torch.cuda.set_rng_state_all(s["cuda"]) if s["cuda"] is not None and torch.cuda.is_available() else None
+
+
+def wrap_ddp(student, device):
+    """DDP without its per-forward buffer broadcast, which rewrote BatchNorm stats saved for backward by the student's
+    first call (one per view; torch 2.11 raises). No loss reads running stats; SyncBatchNorm keeps them equal."""
+    return nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None,
+                                               broadcast_buffers=False)
 
 
 def unwrap(m):   # the plain module under torch.compile and DDP
@@ -624,8 +630,7 @@ def train(args, device, rank, world):
         data.save_splits(loader.dataset.scenes, out / "splits.json")
     student, teacher, state = build_models(args, device, world)
     optimizer, scaler = build_optimizer(student, args), torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    sched = {"lr": cosine_schedule(args.lr, args.min_lr, args.epochs, steps_per_epoch, args.warmup_epochs,
-                                   0.01 * args.lr),
+    sched = {"lr": cosine_schedule(args.lr, args.min_lr, args.epochs, steps_per_epoch, args.warmup_epochs, 0.01 * args.lr),
              "momentum": cosine_schedule(args.momentum_teacher, 1.0, args.epochs, steps_per_epoch),
              "teacher_temp": np.interp(np.arange(total_steps), [0, args.warmup_teacher_temp_epochs * steps_per_epoch],
                                        [args.warmup_teacher_temp, args.teacher_temp])}   # linear, then constant
@@ -642,8 +647,7 @@ def train(args, device, rank, world):
         if start_step >= steps_per_epoch:
             start_epoch, start_step, sums = start_epoch + 1, 0, None
         print(f"resumed from {resume}: epoch {start_epoch} step {start_step}") if rank == 0 else None
-    if world > 1:
-        student = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    student = wrap_ddp(student, device) if world > 1 else student
     if args.compile:
         student, teacher = torch.compile(student), torch.compile(teacher)
     random.seed(args.seed + rank), np.random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)
@@ -820,8 +824,7 @@ def bench(args, device, rank, world):
     from torch.utils.flop_counter import FlopCounterMode
     student, teacher, state = build_models(args, device, world)
     optimizer, scaler = build_optimizer(student, args), torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    if world > 1:
-        student = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    student = wrap_ddp(student, device) if world > 1 else student
     sched = {"lr": np.full(args.bench + 4, args.lr), "momentum": np.full(args.bench + 4, 0.996),
              "teacher_temp": np.full(args.bench + 4, 0.04)}
     aug = build_views(args, device)
@@ -881,9 +884,7 @@ def main(argv=None):
     elif args.bench:
         bench(args, device, rank, world)
     else:
-        if rank == 0:
-            with open(Path(args.out) / "args.json", "w") as f:
-                json.dump(vars(args), f, indent=1)
+        (Path(args.out) / "args.json").write_text(json.dumps(vars(args), indent=1)) if rank == 0 else None
         t0 = time.time()
         teacher, _ = train(args, device, rank, world)
         if rank == 0:
