@@ -843,7 +843,7 @@ def bench(args, device, rank, world):
         step(s)
     sync()
     step_s = (time.time() - t0) / args.bench
-    line = (f"bench {args.arch} img {args.img_size} batch {args.batch_size}x{world} amp {args.amp} "
+    line = (f"bench {args.arch} img {args.img_size} batch {args.batch_size}x{world} amp {args.amp} attn {args.attn} "
             f"compile {args.compile}: {args.batch_size * world / step_s:.1f} images/s, step {1000 * step_s:.1f} ms, "
             f"{flops / args.batch_size / 1e9:.2f} GFLOP/image")
     if device.type == "cuda":

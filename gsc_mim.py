@@ -861,8 +861,8 @@ def bench(args):
          + cls_distillation_loss(s_c, t_c, run.center_cls, 0.07, 0.1)).backward()
     sync()
     loss_ms = (time.perf_counter() - t1) / 3 * 1000
-    line = (f"bench {args.arch}/{args.patch_size} img {args.img_size} batch {args.batch_size}x{args.world_size} "
-            f"K {args.out_dim} on {dev.type}: {ips:.1f} images/s, step {dt * 1000:.1f} ms, "
+    line = (f"bench {args.arch}/{args.patch_size} img {args.img_size} batch {args.batch_size}x{args.world_size} K {args.out_dim} "
+            f"amp {args.amp} attn {args.attn} compile {args.compile} on {dev.type}: {ips:.1f} images/s, step {dt * 1000:.1f} ms, "
             f"softmax/CE of the losses {loss_ms:.1f} ms ({100 * loss_ms / (dt * 1000):.1f}% of the step)")
     if dev.type == "cuda":
         name = torch.cuda.get_device_name()

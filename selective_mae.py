@@ -838,7 +838,8 @@ def bench(args, device):
     ips = args.batch_size / dt
     line = (f"bench {args.arch}/{args.patch_size} {args.img_size}px bs {args.batch_size} K={model.n_keep} "
             f"R={model.n_targets} decoder={args.decoder} seeds={args.seed_select} targets={args.target_select}"
-            f"{' adaptive' if args.adaptive_budget else ''} amp={args.amp}: {ips:.1f} images/s, {dt * 1e3:.1f} ms/step")
+            f"{' adaptive' if args.adaptive_budget else ''} amp={args.amp} attn={args.attn} compile={args.compile}: "
+            f"{ips:.1f} images/s, {dt * 1e3:.1f} ms/step")
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peaks = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}   # dense bf16
