@@ -1,7 +1,9 @@
-"""kernels/attention.py: Triton masked attention (interpreter on CPU) and the torch paths vs the reference.
+"""kernels/attention.py: Triton masked attention and the torch paths vs the reference.
 
-The Triton kernels run under TRITON_INTERPRET=1 (set by conftest.py) with 16 x 16 blocks, so the
-small shapes here still cover several query and key blocks and ragged tails.
+Without a GPU the Triton kernels run under TRITON_INTERPRET=1 (set by conftest.py) with 16 x 16
+blocks, so the small shapes here still cover several query and key blocks and ragged tails. On a
+CUDA machine the same tests run the compiled kernels on the GPU (DEVICE), plus GPU_CASES at the
+shapes of the scripts (too slow for the interpreter).
 """
 import os
 import subprocess
@@ -15,6 +17,7 @@ from kernels.attention import attention_reference, masked_attention
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _rel_err(x, ref):
@@ -22,11 +25,11 @@ def _rel_err(x, ref):
     return ((x - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
 
 
-def _make(B, H, n_q, n_k, D, dtype, mask_kind, seed=0):
+def _make(B, H, n_q, n_k, D, dtype, mask_kind, seed=0, device=DEVICE):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, n_q, D, generator=g).to(dtype).requires_grad_()
-    k = torch.randn(B, H, n_k, D, generator=g).to(dtype).requires_grad_()
-    v = torch.randn(B, H, n_k, D, generator=g).to(dtype).requires_grad_()
+    q = torch.randn(B, H, n_q, D, generator=g).to(device, dtype).requires_grad_()
+    k = torch.randn(B, H, n_k, D, generator=g).to(device, dtype).requires_grad_()
+    v = torch.randn(B, H, n_k, D, generator=g).to(device, dtype).requires_grad_()
     if mask_kind is None:
         return q, k, v, None
     mask = torch.rand(B, n_k, generator=g) < 0.6
@@ -40,7 +43,7 @@ def _make(B, H, n_q, n_k, D, dtype, mask_kind, seed=0):
         mask[0, n_k // 3:] = False             # variable-length set: padding after the last key
         mask[1] = False
         mask[1, -1] = True                     # single valid key, the last: leading blocks all masked
-    return q, k, v, mask
+    return q, k, v, mask.to(device)
 
 
 def _check_against_reference(q, k, v, mask, backend, scale=None):
@@ -48,7 +51,7 @@ def _check_against_reference(q, k, v, mask, backend, scale=None):
     out = masked_attention(q, k, v, mask, scale=scale, backend=backend)
     ref = attention_reference(q, k, v, mask, scale=scale)
     assert out.shape == q.shape and out.dtype == dtype
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(q.device, dtype)
     grads = torch.autograd.grad(out, (q, k, v), grad)
     ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
     for name, x, r in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads)):
@@ -84,14 +87,32 @@ def test_matches_reference(B, H, n_q, n_k, D, dtype, mask_kind, backend):
     _check_against_reference(q, k, v, mask, backend)
 
 
+GPU_CASES = [  # the scripts' shapes: ViT-B 197 tokens, SelectiveMAE's 29 kept + padding, its decoder
+    (8, 12, 197, 197, 64, torch.bfloat16, "padded"),
+    (8, 12, 197, 197, 64, torch.float16, "hard"),
+    (16, 6, 40, 40, 64, torch.bfloat16, "padded"),
+    (8, 12, 49, 30, 64, torch.bfloat16, "hard"),
+    (4, 16, 257, 257, 64, torch.float32, "random"),
+    (4, 4, 300, 130, 128, torch.bfloat16, "padded"),
+    (4, 6, 197, 197, 32, torch.bfloat16, None),
+]
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="compiled kernels at full size need a GPU")
+@pytest.mark.parametrize("B,H,n_q,n_k,D,dtype,mask_kind", GPU_CASES)
+def test_matches_reference_on_gpu_at_script_shapes(B, H, n_q, n_k, D, dtype, mask_kind):
+    q, k, v, mask = _make(B, H, n_q, n_k, D, dtype, mask_kind)
+    _check_against_reference(q, k, v, mask, "triton")
+
+
 def test_custom_scale_and_strided_views():
     """Views of a fused qkv projection (non-contiguous, unit last stride) and an explicit scale."""
     B, N, H, D = 2, 19, 2, 32
     g = torch.Generator().manual_seed(3)
-    qkv = torch.randn(B, N, 3, H, D, generator=g).permute(2, 0, 3, 1, 4)   # 3 x [B, H, N, D] views
+    qkv = torch.randn(B, N, 3, H, D, generator=g).to(DEVICE).permute(2, 0, 3, 1, 4)   # 3 x [B, H, N, D] views
     q, k, v = (t.requires_grad_() for t in qkv.unbind(0))
     assert not q.is_contiguous()
-    mask = torch.rand(B, N, generator=g) < 0.5
+    mask = (torch.rand(B, N, generator=g) < 0.5).to(DEVICE)
     mask[:, 0] = True
     out = _check_against_reference(q, k, v, mask, "triton", scale=0.3)
     assert torch.allclose(out, masked_attention(q, k, v, mask, scale=0.3, backend="torch"), atol=1e-5)
@@ -108,14 +129,14 @@ def test_mask_semantics_against_dense_softmax():
 
 
 def test_auto_backend_on_cpu_is_torch_path():
-    q, k, v, mask = _make(3, 2, 6, 5, 16, torch.float32, "hard")   # D=16: the torch path takes any D
+    q, k, v, mask = _make(3, 2, 6, 5, 16, torch.float32, "hard", device="cpu")   # D=16: the torch path takes any D
     out = masked_attention(q, k, v, mask)
     assert torch.allclose(out, attention_reference(q, k, v, mask), atol=1e-6)
     assert (out[1] == 0).all()
 
 
 def test_gradcheck_float64_reference_and_sdpa():
-    q, k, v, mask = _make(3, 1, 2, 3, 2, torch.float64, "hard")
+    q, k, v, mask = _make(3, 1, 2, 3, 2, torch.float64, "hard", device="cpu")
     assert torch.autograd.gradcheck(lambda a, b, c: attention_reference(a, b, c, mask), (q, k, v))
     assert torch.autograd.gradcheck(lambda a, b, c: masked_attention(a, b, c, mask, backend="torch"), (q, k, v))
 

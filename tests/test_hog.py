@@ -1,5 +1,6 @@
-"""kernels/hog.py: Triton (under TRITON_INTERPRET=1 on CPU) vs the torch reference, properties,
-a hand-computed case, input validation, and an sm_90 compile check (SPEC section 4)."""
+"""kernels/hog.py: Triton vs the torch reference, properties, a hand-computed case, input validation,
+and an sm_90 compile check (SPEC section 4). Without a GPU the kernel runs under TRITON_INTERPRET=1
+(conftest.py); on a CUDA machine the same tests run the compiled kernel on the GPU (DEVICE)."""
 import math
 import os
 import re
@@ -14,6 +15,7 @@ from kernels import hog
 from kernels.hog import hog_features, hog_reference, patch_scores
 
 REPO = Path(__file__).resolve().parents[1]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -29,8 +31,8 @@ def _one_thread():
 def _images(shape, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     if dtype == torch.uint8:
-        return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
-    return torch.randn(shape, generator=g).to(dtype)
+        return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8).to(DEVICE)
+    return torch.randn(shape, generator=g).to(DEVICE, dtype)
 
 
 def _rel_err(a, b):
@@ -65,6 +67,18 @@ def test_scores_match_reference(shape, dtype, patch):
     torch.testing.assert_close(ref, manual, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="full-size batches need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
+def test_scores_match_reference_on_gpu_at_script_shapes(dtype):
+    x = _images((64, 3, 224, 224), dtype, seed=9)
+    for patch in (8, 16, 32):
+        got, ref = patch_scores(x, patch, backend="triton"), patch_scores(x, patch, backend="torch")
+        assert got.shape == ref.shape == (64, (224 // patch) ** 2)
+        assert _rel_err(got, ref) < 1e-4, (patch, _rel_err(got, ref))
+    got, ref = hog_features(x, backend="triton"), hog_features(x, backend="torch")
+    assert (got - ref).abs().max().item() < 1e-5
+
+
 @pytest.mark.parametrize("shape,dtype,cell", [((1, 3, 32, 32), torch.float32, 8),
                                               ((1, 3, 24, 16), torch.uint8, 8),  # 1-cell programs
                                               ((1, 3, 16, 16), torch.bfloat16, 8),
@@ -79,7 +93,7 @@ def test_features_match_reference(shape, dtype, cell):
 
 
 def test_reference_sobel_equals_conv2d():
-    x = _images((2, 3, 16, 24), torch.float32, seed=4)
+    x = _images((2, 3, 16, 24), torch.float32, seed=4).cpu()
     wx = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
     xp = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
     gx = torch.nn.functional.conv2d(xp, wx.expand(3, 1, 3, 3), groups=3)
@@ -90,19 +104,21 @@ def test_reference_sobel_equals_conv2d():
 
 
 def test_auto_backend_on_cpu_is_the_reference():
-    x = _images((1, 3, 16, 32), torch.float32)
+    x = _images((1, 3, 16, 32), torch.float32).cpu()
     assert torch.equal(patch_scores(x), patch_scores(x, backend="torch"))
     assert torch.equal(hog_features(x), hog_features(x, backend="torch"))
 
 
 # ---------------------------------------------------------------- binning without atan2
 def _kernel_bins(gx, gy):
+    """The kernel's orientation bins of (gx, gy), computed on DEVICE, returned on the CPU."""
+    gx, gy = gx.to(DEVICE), gy.to(DEVICE)
     n = gx.numel()
-    out = torch.empty(n, dtype=torch.int32)
+    out = torch.empty(n, dtype=torch.int32, device=DEVICE)
     block = min(1 << 20, 1 << max(4, (n - 1).bit_length()))    # Triton's limit is 2**20 elements
     grid = ((n + block - 1) // block,)
     hog._orientation_bin_kernel[grid](gx.contiguous(), gy.contiguous(), out, n, BLOCK=block)
-    return out.long()
+    return out.long().cpu()
 
 
 def test_kernel_bins_equal_atan2_on_all_uint8_gradients():
@@ -149,8 +165,9 @@ def test_kernel_edge_literals_are_the_bin_edges():
 def test_constant_image_scores_zero(backend):
     for x in (torch.full((1, 3, 16, 32), 0.7), torch.full((1, 3, 16, 16), 200, dtype=torch.uint8)):
         b, w = x.shape[0], x.shape[3]
-        assert torch.equal(patch_scores(x, 16, backend=backend), torch.zeros(b, w // 16))
-        assert torch.equal(hog_features(x, backend=backend), torch.zeros(b, 27, 2, w // 8))
+        x = x.to(DEVICE)
+        assert torch.equal(patch_scores(x, 16, backend=backend).cpu(), torch.zeros(b, w // 16))
+        assert torch.equal(hog_features(x, backend=backend).cpu(), torch.zeros(b, 27, 2, w // 8))
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -161,7 +178,7 @@ def test_edge_and_small_object_score_above_every_flat_patch(backend):
     x = 0.3 + 0.01 * torch.randn(1, 3, 32, 64, generator=g)
     x[:, :, 2:14, 16 + 8:16 + 14] += 0.5               # patch (0, 1): vertical edge at column 24
     x[:, :, 16 + 6:16 + 9, 32 + 6:32 + 9] += 1.0       # patch (1, 2): small bright object
-    s = patch_scores(x, 16, backend=backend)[0]
+    s = patch_scores(x.to(DEVICE), 16, backend=backend)[0].cpu()
     flat = torch.ones(8, dtype=torch.bool)
     flat[[1, 6]] = False
     assert s[1] > 5 * s[flat].max() and s[6] > 5 * s[flat].max()
@@ -170,15 +187,15 @@ def test_edge_and_small_object_score_above_every_flat_patch(backend):
 def test_scores_invariant_to_adding_a_constant():
     # Dyadic values (k / 256) stay exact after +0.25, so the gradients, and the scores, are equal.
     g = torch.Generator().manual_seed(5)
-    x = torch.randint(0, 256, (1, 3, 16, 32), generator=g).float() / 256
+    x = (torch.randint(0, 256, (1, 3, 16, 32), generator=g).float() / 256).to(DEVICE)
     for backend in ("triton", "torch"):
         shifted = patch_scores(x + 0.25, 16, backend=backend)
         assert torch.equal(shifted, patch_scores(x, 16, backend=backend))
-    u8 = torch.randint(0, 200, (1, 3, 16, 32), generator=g, dtype=torch.uint8)
+    u8 = torch.randint(0, 200, (1, 3, 16, 32), generator=g, dtype=torch.uint8).to(DEVICE)
     shifted = patch_scores(u8 + 55, 16, backend="triton")
     assert torch.equal(shifted, patch_scores(u8, 16, backend="triton"))
     # Generic floats: rounding of x + c perturbs gradients by ~1e-6, so allow a small tolerance.
-    y = torch.randn(1, 3, 16, 16, generator=g)
+    y = torch.randn(1, 3, 16, 16, generator=g).to(DEVICE)
     shifted = patch_scores(y + 3.0, 16, backend="triton")
     assert _rel_err(shifted, patch_scores(y, 16, backend="torch")) < 1e-3
 
@@ -203,16 +220,17 @@ def test_hand_computed_16x16(dtype):
         scale = 254 / 255
     else:
         scale = 1.0
+    x = x.to(DEVICE)
     for backend in ("triton", "torch"):
         for patch, n in ((16, 1), (8, 4)):
-            s = patch_scores(x, patch, backend=backend)
+            s = patch_scores(x, patch, backend=backend).cpu()
             torch.testing.assert_close(s, torch.full((1, n), 16.0 * scale), rtol=1e-6, atol=1e-6)
-        f = hog_features(x, backend=backend)
+        f = hog_features(x, backend=backend).cpu()
         want = torch.zeros(1, 27, 2, 2)
         want[0, 0 * 9 + 4] = 1.0          # R: bin 4
         want[0, 1 * 9 + 0] = 1.0          # G: bin 0
         torch.testing.assert_close(f, want, rtol=1e-6, atol=1e-6)
-    hist = hog_reference(x)
+    hist = hog_reference(x).cpu()
     assert hist.shape == (1, 3, 9, 2, 2)
     torch.testing.assert_close(hist[0, 0, 4], torch.full((2, 2), 32.0 * scale))
     torch.testing.assert_close(hist[0, 1, 0], torch.full((2, 2), 16.0 * scale))
@@ -227,7 +245,7 @@ def test_features_are_unit_norm_per_cell_where_nonzero(backend):
     norms = f.norm(dim=2)
     zero = hog_reference(x).norm(dim=2) == 0
     assert zero.sum() >= 3 and (norms[zero] == 0).all()
-    torch.testing.assert_close(norms[~zero], torch.ones(int((~zero).sum())), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(norms[~zero], torch.ones_like(norms[~zero]), rtol=1e-5, atol=1e-5)
     assert (f >= 0).all()
 
 
@@ -242,7 +260,7 @@ def test_non_contiguous_and_empty_batch(backend):
     for v in (xt, xc, xs):
         assert not v.is_contiguous()
         assert _rel_err(patch_scores(v, 16, backend=backend), want) < 1e-4
-    empty = torch.empty(0, 3, 32, 48)
+    empty = torch.empty(0, 3, 32, 48, device=DEVICE)
     assert patch_scores(empty, 16, backend=backend).shape == (0, 6)
     assert hog_features(empty, backend=backend).shape == (0, 27, 4, 6)
     assert hog_features(empty.to(torch.uint8), backend=backend).dtype == torch.float32
@@ -272,7 +290,7 @@ def test_bad_input_errors_features_and_reference():
     with pytest.raises(ValueError, match="3 channels"):
         hog_reference(torch.zeros(1, 2, 16, 16))
     with pytest.raises(ValueError, match="power-of-two cell"):
-        hog_features(torch.zeros(1, 3, 24, 24), cell=6, backend="triton")
+        hog_features(torch.zeros(1, 3, 24, 24, device=DEVICE), cell=6, backend="triton")
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
