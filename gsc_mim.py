@@ -166,7 +166,7 @@ class Attention(nn.Module):
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         if self.backend == "triton":
-            from kernels.attention import masked_attention  # lazy: optional Triton kernel
+            from kernels.attention import masked_attention  # lazy: --attn sdpa runs never import triton
             x = masked_attention(q, k, v)
         else:
             x = F.scaled_dot_product_attention(q, k, v)

@@ -169,7 +169,7 @@ def sincos_pos_embed(dim, grid, cls_token=True):
 def attention(q, k, v, key_mask, backend):
     """q [B,H,Nq,D], k/v [B,H,Nk,D], key_mask bool [B,Nk] (True = attend) or None."""
     if backend == "triton":
-        from kernels.attention import masked_attention   # lazy: the kernel file may be mid-edit
+        from kernels.attention import masked_attention   # lazy: --attn sdpa runs never import triton
         return masked_attention(q, k, v, key_mask)
     mask = None if key_mask is None else key_mask[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -385,7 +385,7 @@ def hog_patch_scores(images, patch, needed=True):
     not needed (plain-MAE mode: random seeds and targets), so the baseline pays no HOG cost."""
     if not needed:
         return images.new_zeros(images.shape[0], (images.shape[-2] // patch) * (images.shape[-1] // patch))
-    from kernels.hog import patch_scores   # lazy: the kernel file may be mid-edit (CONTRACT)
+    from kernels.hog import patch_scores   # lazy: the plain-MAE mode never imports triton
     return patch_scores(images, patch=patch, backend="auto")
 
 

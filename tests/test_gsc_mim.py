@@ -234,7 +234,7 @@ def read_log(out):
 
 
 def test_exact_resume(tmp_path):
-    """CONTRACT recipe, run in-process (same code path as the command line, no start-up cost)."""
+    """The shared tiny recipe, run in-process (same code path as the command line, no start-up cost)."""
     a, b = tmp_path / "a", tmp_path / "b"
     gsc.main([*TINY, "--epochs", "2", "--out", str(a), "--no-eval"])
     # 30 train images / 8 = 3 steps per epoch: stop after step 2 of epoch 2, resume in the same folder
