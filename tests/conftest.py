@@ -62,3 +62,40 @@ def run_torchrun():
                f"--nproc_per_node={nproc}", str(REPO / script), *map(str, args)]
         return _run(cmd, REPO, timeout)
     return run
+
+
+@pytest.fixture
+def triton_attention(monkeypatch):
+    """The scripts' `--attn triton` through the Triton kernel itself - the interpreter on the CPU, the
+    compiled kernel on a GPU - instead of the torch path that backend='auto' takes for CPU tensors.
+    Returns the device the test should put its model and inputs on."""
+    import kernels.attention as ka
+    kernel = ka.masked_attention
+    monkeypatch.setattr(ka, "masked_attention",
+                        lambda q, k, v, key_mask=None, scale=None: kernel(q, k, v, key_mask, scale, backend="triton"))
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture
+def assert_models_agree():
+    """check(model_a, model_b, run): run(model) -> tuple of output tensors. With model_a's weights
+    loaded into model_b, the outputs and the gradient of every parameter (under a fixed random
+    weighting of the outputs) must agree."""
+    return _assert_models_agree
+
+
+def _assert_models_agree(model_a, model_b, run, atol=1e-4):
+    model_b.load_state_dict(model_a.state_dict())
+    grads = []
+    for model in (model_a, model_b):
+        torch.manual_seed(1)   # the same random selection (SelectiveMAE) and output weights in both runs
+        outs = run(model)
+        loss = sum((o.float() * torch.randn(o.shape, device=o.device)).sum() for o in outs)
+        loss.backward()
+        grads.append(([o.detach() for o in outs], {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (outs_a, ga), (outs_b, gb) = grads
+    for a, b in zip(outs_a, outs_b):
+        torch.testing.assert_close(b, a, atol=atol, rtol=1e-4)
+    assert ga.keys() == gb.keys() and len(ga) > 0
+    for name in ga:
+        torch.testing.assert_close(gb[name], ga[name], atol=atol, rtol=1e-3, msg=lambda m: f"{name}: {m}")

@@ -333,3 +333,12 @@ def test_local_head_centre_and_temperatures_can_learn():
     tp = torch.softmax((t - state.centre) / 0.04, 1)
     floor = -(tp * tp.log()).sum(1).mean().item()
     assert loss.item() < math.log(128) - 2 and loss.item() - floor < 0.2, (loss.item(), floor)
+
+
+def test_vit_through_the_triton_kernel_matches_sdpa(triton_attention, assert_models_agree):
+    # the kernel itself (interpreter on the CPU, compiled on a GPU) in the script's ViT: same forward
+    # and parameter gradients as SDPA
+    torch.manual_seed(0)
+    a, b = (cmid.VisionTransformer(32, 16, 192, 2, 3, attn).to(triton_attention) for attn in ("sdpa", "triton"))
+    x = torch.randn(2, 3, 32, 32, device=triton_attention)
+    assert_models_agree(a, b, lambda m: m(x))

@@ -295,3 +295,13 @@ def test_export_eval_only_visualize(tmp_path, capsys, monkeypatch):
     res = json.loads((tmp_path / "eval.json").read_text())
     assert set(res) == {"gsc_mim", "random_init"}
     assert all(0 <= v <= 100 for r in res.values() for v in r.values())
+
+
+def test_vit_through_the_triton_kernel_matches_sdpa(triton_attention, assert_models_agree):
+    """--attn triton through the kernel itself (interpreter on the CPU, compiled on a GPU): the
+    script's ViT (with e[MASK] tokens) has the same output and parameter gradients as with SDPA."""
+    torch.manual_seed(0)
+    a, b = (gsc.VisionTransformer("vit_tiny", 16, 32, attn=attn).to(triton_attention) for attn in ("sdpa", "triton"))
+    x = torch.randn(2, 3, 32, 32, device=triton_attention)
+    mask = torch.tensor([[True, False, False, True], [False, False, True, False]], device=triton_attention)
+    assert_models_agree(a, b, lambda m: (m(x, mask),))

@@ -308,3 +308,16 @@ def test_too_small_dataset_stops_with_a_clear_message(tmp_path, capsys):
     """30 training images and batch 64: no step per epoch (drop_last) -> a one-line exit, not an IndexError."""
     with pytest.raises(SystemExit, match="lower --batch-size"):
         run_main(capsys, *TINY, "--batch-size", "64", "--epochs", "1", "--out", tmp_path)
+
+
+@pytest.mark.parametrize("decoder", ["cross", "self"])
+def test_model_through_the_triton_kernel_matches_sdpa(decoder, triton_attention, assert_models_agree):
+    """--attn triton through the kernel itself (interpreter on the CPU, compiled on a GPU), with the
+    adaptive budget's padded token sets and key masks: same loss, predictions and parameter
+    gradients as SDPA - in the encoder and in the decoder."""
+    a, b = (smae.SelectiveMAE(make_args("--adaptive-budget", "--attn", attn, "--decoder", decoder)).to(triton_attention)
+            for attn in ("sdpa", "triton"))
+    images = torch.randn(3, 3, 64, 64, device=triton_attention)
+    scores = torch.rand(3, 64, device=triton_attention) * torch.tensor([[1.0], [0.1], [3.0]], device=triton_attention)
+    probs = smae.stage_schedule(2, 3, triton_attention)[4]
+    assert_models_agree(a, b, lambda m: m(images, scores, probs)[:2])
