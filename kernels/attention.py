@@ -33,6 +33,8 @@ Benchmark (needs CUDA): `python -m kernels.attention` (forward+backward against 
 cuDNN and efficient backends and FlexAttention, at the rsmim scripts' shapes).
 """
 
+from typing import Optional, Tuple
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -439,25 +441,48 @@ def _unit_last_stride(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-class _MaskedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, key_mask, scale):
-        q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
-        mask_u8, key_end, stride_mb = _key_mask_args(key_mask, q)
-        has_mask = key_mask is not None
-        out, lse = _triton_forward(q, k, v, mask_u8, key_end, stride_mb, has_mask, scale)
-        ctx.save_for_backward(q, k, v, out, lse, mask_u8, key_end)
-        ctx.scale, ctx.stride_mb, ctx.has_mask = scale, stride_mb, has_mask
-        return out
+# The forward and backward are registered as torch custom ops: torch.compile treats each as one opaque
+# node (it never traces into the launch code or the interpreter), and autograd pairs them.
+@torch.library.custom_op("rsmim::masked_attention_fwd", mutates_args=())
+def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor],
+                      scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    mask_u8, key_end, stride_mb = _key_mask_args(key_mask, q)
+    return _triton_forward(q, k, v, mask_u8, key_end, stride_mb, key_mask is not None, scale)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
-        q, k, v, out, lse, mask_u8, key_end = ctx.saved_tensors
-        dout = _unit_last_stride(dout)
-        dq, dk, dv = _triton_backward(dout, q, k, v, out, lse, mask_u8, key_end,
-                                      ctx.stride_mb, ctx.has_mask, ctx.scale)
-        return dq, dk, dv, None, None
+
+@_attention_fwd_op.register_fake
+def _(q, k, v, key_mask, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)   # contiguous, as the real op
+
+
+@torch.library.custom_op("rsmim::masked_attention_bwd", mutates_args=())
+def _attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                      lse: torch.Tensor, key_mask: Optional[torch.Tensor],
+                      scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v, dout = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v), _unit_last_stride(dout)
+    mask_u8, key_end, stride_mb = _key_mask_args(key_mask, q)
+    return _triton_backward(dout, q, k, v, out, lse, mask_u8, key_end, stride_mb, key_mask is not None, scale)
+
+
+@_attention_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, key_mask, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _save_for_backward(ctx, inputs, output):
+    q, k, v, key_mask, scale = inputs
+    ctx.save_for_backward(q, k, v, *output, key_mask)
+    ctx.scale = scale
+
+
+def _attention_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, key_mask = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd_op(dout, q, k, v, out, lse, key_mask, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_attention_fwd_op.register_autograd(_attention_backward, setup_context=_save_for_backward)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -550,7 +575,7 @@ def masked_attention(q, k, v, key_mask=None, scale=None, backend="auto"):
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend == "torch":
         return _torch_attention(q, k, v, key_mask, scale)
-    return _MaskedAttention.apply(q, k, v, key_mask, scale)
+    return _attention_fwd_op(q, k, v, key_mask, scale)[0]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -105,6 +105,32 @@ def test_matches_reference_on_gpu_at_script_shapes(B, H, n_q, n_k, D, dtype, mas
     _check_against_reference(q, k, v, mask, "triton")
 
 
+def test_custom_ops_pass_opcheck():
+    """The forward / backward ops' fake (meta) implementations, schemas and autograd registration
+    agree with the real kernels (what torch.compile relies on), with and without a key mask."""
+    from kernels.attention import _attention_fwd_op
+    for mask_kind in ("padded", None):
+        q, k, v, mask = _make(2, 1, 21, 18, 32, torch.float32, mask_kind)
+        qv = q.detach().transpose(2, 3).contiguous().transpose(2, 3).requires_grad_()  # strided input too
+        for args in ((q, k, v, mask, 0.2), (qv, k, v, mask, 0.2)):
+            torch.library.opcheck(_attention_fwd_op, args)
+
+
+def test_compiles_to_one_graph_with_the_kernel():
+    """torch.compile(fullgraph=True) over the Triton path: no graph break, and the same output and
+    gradients as eager."""
+    q, k, v, mask = _make(2, 2, 13, 20, 32, torch.float32, "padded")
+
+    def f(q, k, v, mask):
+        return (masked_attention(q, k, v, mask, backend="triton") * 1.5).sin()
+    eager = f(q, k, v, mask)
+    compiled = torch.compile(f, fullgraph=True)(q, k, v, mask)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    g = torch.randn(eager.shape, device=eager.device)
+    for a, b in zip(torch.autograd.grad(eager, (q, k, v), g), torch.autograd.grad(compiled, (q, k, v), g)):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
 def test_custom_scale_and_strided_views():
     """Views of a fused qkv projection (non-contiguous, unit last stride) and an explicit scale."""
     B, N, H, D = 2, 19, 2, 32

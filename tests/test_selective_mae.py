@@ -270,15 +270,17 @@ def test_adaptive_padding_is_hidden_by_key_masks(attn, decoder):
         assert not torch.allclose(lat[km], lat3[km], atol=1e-3)               # the test can fail
 
 
-def test_compile_default_path_is_one_graph():
+def test_compile_default_path_is_one_graph(triton_attention):
     """torch.compile sees no data-dependent shape: the forward (selection included) is one graph,
-    for the default path and for --adaptive-budget (padded to a fixed length)."""
+    for the default path, for --adaptive-budget (padded to a fixed length), and with the adaptive
+    budget's key masks through the Triton attention kernel (a custom op: one opaque node)."""
     import torch._dynamo
-    for flags in ([], ["--adaptive-budget"]):
+    for flags in ([], ["--adaptive-budget"], ["--adaptive-budget", "--attn", "triton"]):
         torch._dynamo.reset()
-        model = smae.SelectiveMAE(make_args(*flags))
-        probs = smae.stage_schedule(2, 3, "cpu")[4]                         # a view, as in train()
-        ex = torch._dynamo.explain(model)(torch.randn(2, 3, 64, 64), torch.rand(2, 64), probs)
+        dev = triton_attention
+        model = smae.SelectiveMAE(make_args(*flags)).to(dev)
+        probs = smae.stage_schedule(2, 3, dev)[4]                           # a view, as in train()
+        ex = torch._dynamo.explain(model)(torch.randn(2, 3, 64, 64, device=dev), torch.rand(2, 64, device=dev), probs)
         assert ex.graph_count == 1 and ex.graph_break_count == 0, ex.break_reasons
     torch._dynamo.reset()
 
