@@ -11,7 +11,10 @@ Shared by gsc_mim.py, selective_mae.py and cmid.py. Read top to bottom:
    read from a memory-mapped cache (`cache=DIR`) that is decoded once; DistributedSampler always
 5. BatchAugment: random-resized crop, flips, rot90, colour jitter, grayscale, blur, solarise,
    noise on whole batches on any device (the GPU in the scripts), and normalize() for evaluation
-6. `python data.py --bench ...`: images/s of the PIL path vs the cached path, and of BatchAugment
+6. run plumbing the scripts share: run_main() (user errors as one line, exit 2), load_checkpoint(),
+   CheckpointWriter (background atomic writes), SavePoints (wall clock, SIGTERM/SIGUSR1),
+   plot_curves() and time_to_accuracy() for the learning curves
+7. `python data.py --bench ...`: images/s of the PIL path vs the cached path, and of BatchAugment
 
 Typical use in a script:
     loader = build_loader(args.data, args.data_root, "train", size=256, batch_size=64,
@@ -31,6 +34,10 @@ import math
 import os
 import random
 import shutil
+import signal
+import socket
+import sys
+import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -58,7 +65,12 @@ LABELLED_FRACTION = 0.01   # "train1": 1% of each class of the train split, at l
 SPLITS = ("all", "train", "test", "train1")
 
 
-class DataError(Exception):
+class UserError(Exception):
+    """Something the user can fix (a flag, a path, a checkpoint): the scripts print `error: <message>`
+    and exit 2 instead of a traceback (see run_main). The message is one line and says what to do."""
+
+
+class DataError(UserError):
     """Bad data or a bad data argument. The message is one line, names the path, says what to do."""
 
 
@@ -585,15 +597,18 @@ class EpochBatchSampler(torch.utils.data.Sampler):
 
 def build_loader(name_or_path, root, split, *, size, batch_size, shuffle, drop_last, seed=0,
                  workers=4, cache=None, synthetic_images=1000, skip_bad=False, distributed=None,
-                 max_upscale=2.0):
+                 max_upscale=2.0, split_seed=None):
     """DataLoader of (uint8 [B,3,size,size], int64 [B]) for one split; see the module docstring.
 
     cache=None decodes with PIL in `workers` processes; cache=DIR decodes the whole dataset once
     (in `workers` processes) into DIR/<dataset>_<size>.u8 (+ .json header) and then reads
     batches from that memmap in the calling process.
     distributed=None shards over ranks when WORLD_SIZE > 1. Evaluation: shuffle=False,
-    drop_last=False, distributed=False. loader.sampler.set_epoch(epoch) before each epoch."""
-    scenes = build_dataset(name_or_path, root, split, seed=seed, img_size=size,
+    drop_last=False, distributed=False. loader.sampler.set_epoch(epoch) before each epoch.
+    seed shuffles; split_seed (default: seed) draws the train/test split, so a run can pin its split
+    independently of its --seed."""
+    split_seed = seed if split_seed is None else split_seed
+    scenes = build_dataset(name_or_path, root, split, seed=split_seed, img_size=size,
                            synthetic_images=synthetic_images, skip_bad=skip_bad)
     if cache:
         data_path = build_cache(scenes, cache, size, workers=workers, max_upscale=max_upscale)
@@ -828,7 +843,182 @@ class BatchAugment(torch.nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Benchmark: python data.py --bench --data UCM --data-root ../shared/data --cache /tmp/rsmim-cache
+# 6. Run plumbing the three scripts share (no method in it): one-line user errors, checkpoints
+#    written in the background, wall-clock and preemption save points, the learning-curve picture
+# ----------------------------------------------------------------------------------------------
+
+def run_main(main, argv=None):
+    """main(argv), with a UserError (DataError included) printed as `error: <message>` on stderr and
+    exit code 2: a user sees what to fix, not a traceback. Anything else is a bug and keeps it."""
+    try:
+        return main(argv)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def load_checkpoint(path):
+    """A checkpoint dict on the CPU, whatever device wrote it: RNG states must stay CPU ByteTensors
+    (torch.set_rng_state rejects CUDA ones), and load_state_dict copies weights to the model's device.
+    A missing, truncated or foreign file is a UserError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found: pass a checkpoint.pth written by a run "
+                        f"(--resume auto continues OUT/checkpoint.pth only when it exists)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises several types for truncated or non-torch files
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise UserError(f"cannot read checkpoint {path} ({reason}): the file is truncated or not "
+                        f"a checkpoint; pass another one") from None
+    if not isinstance(ckpt, dict) or "args" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint of these scripts (no 'args' entry)")
+    return ckpt
+
+
+def host_copy(state):
+    """A copy of nested dicts/lists/tuples with every tensor on the CPU, taken now: training may
+    change the originals as soon as this returns. Device tensors are copied asynchronously and
+    synchronised once, so the caller waits for one device-to-host transfer, not for a write."""
+    def copy(x):
+        if isinstance(x, torch.Tensor):
+            return x.detach().to("cpu", non_blocking=True) if x.is_cuda else x.detach().clone()
+        if isinstance(x, dict):
+            return {k: copy(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(copy(v) for v in x)
+        return x
+    result = copy(state)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return result
+
+
+class CheckpointWriter:
+    """Checkpoints written by a background thread from a host snapshot, atomically (a temp file
+    unique to host and process, then rename): a torn file never replaces a good one, and a step
+    waits only for the snapshot (snapshot_ms), not for the write (write_ms). One write at a time:
+    save() and wait() first finish the previous write, and re-raise its error as a UserError."""
+
+    def __init__(self):
+        self._thread, self._error = None, None
+        self.snapshot_ms = self.write_ms = 0.0
+
+    def save(self, state, path):
+        self.wait()
+        start = time.perf_counter()
+        snapshot = host_copy(state)
+        self.snapshot_ms = (time.perf_counter() - start) * 1e3
+        self._thread = threading.Thread(target=self._write, args=(snapshot, Path(path)), name="checkpoint")
+        self._thread.start()        # not a daemon: the interpreter finishes the write before it exits
+
+    def _write(self, snapshot, path):
+        start = time.perf_counter()
+        tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(snapshot, tmp)
+            os.replace(tmp, path)
+        except Exception as error:
+            if tmp.parent.is_dir():
+                tmp.unlink(missing_ok=True)
+            self._error = UserError(f"could not write the checkpoint {path}: {error}")
+        self.write_ms = (time.perf_counter() - start) * 1e3
+
+    def wait(self):
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+class SavePoints:
+    """When to checkpoint besides the end of the run: every `every_min` minutes of wall clock, and
+    at the next step boundary after SIGTERM or SIGUSR1 (how Slurm and most clusters announce a
+    preemption; torchrun forwards it to every rank). Every rank must save at the same step, so under
+    torch.distributed the local flags are max-reduced every `check_every` steps (one 2-int
+    collective); a single process checks every step for free.
+    check(step) -> (save, stop): stop means "preempted: save, then exit 0 with a resume line"."""
+
+    def __init__(self, every_min, device, check_every=10):
+        self.every_s, self.device, self.last = every_min * 60, device, time.time()
+        self.distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.check_every = check_every if self.distributed else 1
+        self.signal = None
+        if threading.current_thread() is threading.main_thread():   # signal.signal's requirement
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def check(self, step):
+        if step % self.check_every:
+            return False, False
+        stop, due = self.signal is not None, 0 < self.every_s <= time.time() - self.last
+        if self.distributed:
+            flags = torch.tensor([stop, due], dtype=torch.int32, device=self.device)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            stop, due = (bool(v) for v in flags.tolist())
+        if stop or due:
+            self.last = time.time()
+        return stop or due, stop
+
+
+def time_to_accuracy(records):
+    """Wall-clock seconds at which the kNN accuracy first came within one point of its last value."""
+    knn = [r for r in records if "knn" in r]
+    return next((r["time_s"] for r in knn if r["knn"] >= knn[-1]["knn"] - 1.0), None) if knn else None
+
+
+def plot_curves(records, path, floor=None, size=(960, 600)):
+    """Write a PNG of the training loss and the kNN accuracy (rows) against wall-clock time and
+    images seen (columns), from log records {"time_s", "images_seen", "loss" or "knn"}; `floor`
+    (the random-init kNN accuracy) is a dashed line. The picture's size never depends on the
+    number of points, and pillow is the only drawing library it needs."""
+    from PIL import ImageDraw
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    cell_w, cell_h = size[0] // 2, size[1] // 2
+    for row, (key, colour) in enumerate((("loss", (31, 119, 180)), ("knn", (214, 39, 40)))):
+        points = [r for r in records if key in r]
+        for col, (x_key, x_label) in enumerate((("time_s", "wall-clock s"), ("images_seen", "images seen"))):
+            left, top = col * cell_w + 60, row * cell_h + 30
+            w, h = cell_w - 80, cell_h - 70
+            draw.rectangle([left, top, left + w, top + h], outline="black")
+            label = "training loss" if key == "loss" else "20-NN accuracy (%)"
+            draw.text((left, top - 18), f"{label} vs {x_label}", fill="black")
+            ys = [r[key] for r in points] + ([floor] if key == "knn" and floor is not None else [])
+            if not points:
+                draw.text((left + 10, top + h // 2), "no points yet", fill="gray")
+                continue
+            x0, x1 = 0.0, max(max(r[x_key] for r in points), 1e-9)
+            y0, y1 = min(ys), max(ys)
+            y0, y1 = (y0 - 0.5, y1 + 0.5) if y1 - y0 < 1e-9 else (y0, y1)
+
+            def at(x, y):
+                return left + w * (x - x0) / (x1 - x0), top + h - h * (y - y0) / (y1 - y0)
+            for y, text in ((y0, f"{y0:.3g}"), (y1, f"{y1:.3g}")):
+                draw.text((left - 55, at(x0, y)[1] - 6), text, fill="black")
+            draw.text((left + w - 60, top + h + 4), f"{x1:.3g}", fill="black")
+            if key == "knn" and floor is not None:
+                fy = at(x0, floor)[1]
+                for start in range(0, w, 12):
+                    draw.line([left + start, fy, left + min(start + 6, w), fy], fill="gray")
+                draw.text((left + 4, fy - 14), "random init", fill="gray")
+            xy = [at(r[x_key], r[key]) for r in points]
+            if len(xy) > 1:
+                draw.line(xy, fill=colour, width=2)
+            for x, y in xy[-200:]:                      # markers for the last points only
+                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Benchmark: python data.py --bench --data UCM --data-root ../shared/data --cache /tmp/rsmim-cache
 # ----------------------------------------------------------------------------------------------
 
 def benchmark(args):
