@@ -853,7 +853,11 @@ def run_main(main, argv=None):
     try:
         return main(argv)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        # A DataLoader worker re-raises with its traceback folded into the message; the last line
+        # ("data.DataError: <message>") is the one the user needs.
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        message = lines[-1].split("Error: ", 1)[-1] if len(lines) > 1 else lines[0]
+        print(f"error: {message}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 
 

@@ -18,6 +18,21 @@ def test_run_main_turns_user_errors_into_one_line_and_exit_2(capsys):
     assert capsys.readouterr().err == "error: no folder /nowhere\n"
 
 
+def test_run_main_prints_one_line_for_an_error_raised_in_a_loader_worker(tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "broken.jpg").write_bytes(b"not a jpeg")
+    Image.new("RGB", (8, 8)).save(tmp_path / "a" / "fine.png")
+
+    def main(argv):
+        loader = data.build_loader(str(tmp_path), None, "all", size=8, batch_size=2, shuffle=False,
+                                   drop_last=False, workers=1, cache=None, distributed=False)
+        next(iter(loader))
+    with pytest.raises(SystemExit):
+        data.run_main(main)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: cannot read image ") and "broken.jpg" in err
+
+
 def test_run_main_keeps_the_traceback_of_a_bug():
     with pytest.raises(ZeroDivisionError):
         data.run_main(lambda argv: 1 / 0)
