@@ -151,6 +151,21 @@ def test_kernel_bins_at_named_directions_and_random_floats():
     assert torch.equal(_kernel_bins(g[0], g[1]), hog.orientation_bins(g[0], g[1]))
 
 
+def test_vectors_microdegrees_from_an_edge_get_the_exact_bin():
+    # The three gradient vectors of the full-size GPU test's images (randn seeds 9, 10, 11) that lie
+    # within 3e-6 degrees of a bin edge: float32 atan2 / pi * 9 put each in the neighbouring bin.
+    # The exact bin, from atan2 in float64: 140.000003 deg -> 7, -80.0000007 -> 4, 119.999997 -> 5.
+    gx = torch.tensor([float.fromhex(h) for h in ("0x1.518724p+1", "-0x1.998f44p-1", "0x1.cfdc3ap+1")])
+    gy = torch.tensor([float.fromhex(h) for h in ("-0x1.924008p+1", "0x1.20dd9ap-3", "-0x1.0bcf5p+1")])
+    exact = torch.tensor([7, 4, 5])
+    degrees = [math.degrees(math.atan2(a, b)) for a, b in zip(gx.tolist(), gy.tolist())]
+    assert [math.floor(d / 20) % 9 for d in degrees] == exact.tolist()
+    float32_bins = (torch.atan2(gx, gy) / math.pi * 9).floor().long() % 9
+    assert (float32_bins != exact).all()       # what the reference computed before
+    assert torch.equal(hog.orientation_bins(gx, gy), exact)
+    assert torch.equal(_kernel_bins(gx, gy), exact)
+
+
 def test_kernel_edge_literals_are_the_bin_edges():
     src = Path(hog.__file__).read_text()       # the kernel's literals, read from the source
     pairs = re.findall(r"\((-?[0-9.]+) \* u >= ([0-9.]+) \* v\)", src)
