@@ -44,8 +44,10 @@ Conventions (the MaskFeat / SlowFast `HOGLayerC` ones, not scikit-image's):
 - Features: h / max(||h||_2, eps) per cell and channel, eps = 1e-12 (F.normalize's default, as in
   MaskFeat); all-zero cells stay zero. Channel-major layout: feature index = channel * 9 + bin.
 """
+import contextlib
 import math
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -203,7 +205,10 @@ if triton is not None:
         r_mid = y * stride_h
         r_dn = y_dn * stride_h
         c_lf = x_lf * stride_w
-        c_mid = x * stride_w
+        # The centre column goes through a clamp as well (a no-op: x < W). Left bare, the compiler
+        # knows it is contiguous and vectorises its two loads, while the six reflected loads are
+        # scalar: two layouts, so 12 conversions through shared memory (104 barriers) per program.
+        c_mid = tl.minimum(x, W - 1) * stride_w
         c_rt = x_rt * stride_w
         image = x_ptr + b.to(tl.int64) * stride_b
 
@@ -300,16 +305,19 @@ def _launch(images, patch, cell, write_scores, write_features):
         return scores, (feats if write_features else None)
     nc_block = triton.next_power_of_2(patch_cells * patch_cells)
     elems = nc_block * cell * cell
-    # Warps: ~4 tile elements per thread and tile; ptxas (sm_90) reports 72-80 registers and no
-    # spills for patch 16 (2 warps) and patch 32 (8 warps). Not tuned on a GPU yet.
-    num_warps = max(1, min(8, elems // 128))
+    # Warps, from the sm_90 compile (`python -m kernels.hog --sass`): one warp per 4-cell tile keeps
+    # every row reduction inside the warp (no shared memory, no barrier) and issues the fewest warp
+    # instructions; 16-cell tiles take 2 warps (1 warp spills, 4 and 8 issue more instructions).
+    num_warps = max(1, min(8, elems // 512))
     mag_scale = 1.0 / 255.0 if images.dtype == torch.uint8 else 1.0
     sb, sc, sh, sw = images.stride()   # strided reads: non-contiguous input is never copied
-    _hog_kernel[(b * n_patches,)](
-        images, scores, feats, h, w, sb, sc, sh, sw,
-        patches_w, n_patches, cells_h, cells_w, mag_scale, FEATURE_EPS,
-        CELL=cell, PATCH_CELLS=patch_cells, NC_BLOCK=nc_block,
-        WRITE_SCORES=write_scores, WRITE_FEATURES=write_features, num_warps=num_warps)
+    # On the tensor's own GPU, whichever device is current (a caller need not call set_device).
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        _hog_kernel[(b * n_patches,)](
+            images, scores, feats, h, w, sb, sc, sh, sw,
+            patches_w, n_patches, cells_h, cells_w, mag_scale, FEATURE_EPS,
+            CELL=cell, PATCH_CELLS=patch_cells, NC_BLOCK=nc_block,
+            WRITE_SCORES=write_scores, WRITE_FEATURES=write_features, num_warps=num_warps)
     return scores, (feats if write_features else None)
 
 
@@ -402,6 +410,33 @@ def _bench_cpu(batch=8, size=224, patch=16):
               f"(min {times[0]:.1f}, max {times[-1]:.1f}) = {batch / times[2] * 1e3:.0f} images/s")
 
 
+SASS_VARIANTS = [  # (dtype, patch, features): what the scripts launch on 224 x 224 images
+    (torch.float32, 16, False),   # SelectiveMAE's patch ranking
+    (torch.uint8, 16, False),
+    (torch.float32, 32, True),    # hog_features: 4 x 4-cell tiles of 8-px cells
+]
+
+
+def sass_report():
+    """Markdown table of the sm_90 compile of each kernel variant (no GPU needed): resources and
+    SASS instruction counts per program (the kernel has no loop: one program = one pass)."""
+    from kernels import capture_launches, compile_like_jit, sass_stats
+    print("| variant | warps | regs | shared B | spill B | layout conversions | shared st / ld | barriers | "
+          "instr / thread | warp instr / program | warp instr / cell |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for dtype, patch, features in SASS_VARIANTS:
+        x = torch.empty(2, 3, 224, 224, dtype=dtype)
+        with capture_launches(sys.modules[__name__], ["_hog_kernel"]) as launches:
+            _launch(x, patch, CELL, not features, features)
+        (fn, args, kwargs), = launches
+        st = sass_stats(compile_like_jit(fn, args, kwargs))
+        k, cells = st["kernel"], (patch // CELL) ** 2
+        name = f"{str(dtype).replace('torch.', '')} patch {patch} {'features' if features else 'scores'}"
+        print(f"| {name} | {st['warps']} | {st['regs']} | {st['shared']} | {st['local']} | "
+              f"{st['convert_layout']} | {k['shared_st']} / {k['shared_ld']} | {k['bar']} | {k['instrs']} | "
+              f"{k['instrs'] * st['warps']} | {k['instrs'] * st['warps'] / cells:.0f} |", flush=True)
+
+
 if __name__ == "__main__":
     import argparse
     parser = argparse.ArgumentParser(description="Benchmark HOG patch scores (Triton vs torch).")
@@ -409,7 +444,13 @@ if __name__ == "__main__":
     parser.add_argument("--size", type=int, default=224, help="image side in pixels")
     parser.add_argument("--patch", type=int, default=16, help="patch side in pixels")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch default)")
+    parser.add_argument("--sass", action="store_true",
+                        help="no benchmark: compile each kernel variant for sm_90 as the JIT would and "
+                             "print registers, shared memory and SASS instruction counts (no GPU needed)")
     args = parser.parse_args()
+    if args.sass:
+        sass_report()
+        sys.exit(0)
     if args.threads:
         torch.set_num_threads(args.threads)
     if torch.cuda.is_available() and triton is not None:
