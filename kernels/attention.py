@@ -22,17 +22,26 @@ Algorithm (Dao 2023, FlashAttention-2; the Triton fused-attention tutorial):
   row max m, a running row sum l and an fp32 output accumulator (online softmax, base 2: scores are
   pre-multiplied by log2(e) so exp2 replaces exp). It writes out = acc / l and the row
   log-sum-exp LSE = m + log2(l) (base 2, -inf for a row with no valid key) for the backward.
-- backward: delta = rowsum(dO * O) (preprocess kernel); a dK/dV kernel, one program per key block,
-  loops over ALL query blocks recomputing P = exp2(S - LSE); a dQ kernel, one program per query
-  block, loops over ALL key blocks. (The tutorial's backward is written for causal attention with
-  lengths divisible by the blocks; here every loop masks its tails and loads the key mask per block.)
+- backward: delta = rowsum(dO * O) (preprocess kernel, which also zeroes an fp32 dQ accumulator);
+  then one kernel, one program per key block, looping over ALL query blocks: it recomputes
+  P = exp2(S - LSE) and does FlashAttention-2's 5 matrix products per tile pair, dK and dV in
+  registers, dQ added into the accumulator with fp32 atomics (as FA2's Triton version), cast to
+  the input dtype at the end. The atomics make dQ's summation order vary from run to run on a GPU
+  (fp32 rounding only). (The tutorial's backward is written for causal attention with lengths
+  divisible by the blocks and recomputes S and dP in a separate dQ kernel; here every loop masks its
+  tails and loads the key mask per block.)
 - keys past the last valid key of a sample (padding of variable-length token sets) are skipped:
-  the host computes key_end[b] = 1 + index of the last True key, and the loops stop there.
+  the host computes key_end[b] = 1 + index of the last True key once per forward (the backward
+  reuses it), and the loops stop there.
 
 Benchmark (needs CUDA): `python -m kernels.attention` (forward+backward against SDPA's flash,
-cuDNN and efficient backends and FlexAttention, at the rsmim scripts' shapes).
+cuDNN and efficient backends and FlexAttention, at the rsmim scripts' shapes). Offline record (no
+GPU): `python -m kernels.attention --sass` (registers, shared memory, spills and SASS counts per
+loop iteration of every launched kernel, compiled for sm_90 as the JIT specialises it).
 """
 
+import contextlib
+import sys
 from typing import Optional, Tuple
 
 import torch
@@ -48,7 +57,7 @@ _LOG2E = 1.4426950408889634
 
 def _interpreting():
     """True when triton.jit built interpreter functions (TRITON_INTERPRET=1 before triton's import)."""
-    return not isinstance(_attn_fwd, triton.runtime.JITFunction)
+    return _INTERPRETED
 
 
 # ------------------------------------------------------------------------------------------------
@@ -186,17 +195,23 @@ def _attn_fwd(Q, K, V, KeyMask, KeyEnd, Out, LSE,
 
 
 @triton.jit
-def _attn_bwd_preprocess(Out, DOut, Delta,
+def _attn_bwd_preprocess(Out, DOut, Delta, DQAcc,
                          stride_ob, stride_oh, stride_om, stride_od,
                          stride_db, stride_dh, stride_dm, stride_dd,
                          H, N_Q, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    # delta_i = sum_d dO_id O_id (= sum_j P_ij dP_ij): the softmax-backward correction term.
+    # delta_i = sum_d dO_id O_id (= sum_j P_ij dP_ij): the softmax-backward correction term. Also
+    # zeroes these rows of the fp32 dQ accumulator, which the backward kernel adds into (this saves
+    # a memset launch).
     start_m, off_bh, b, h = _block_and_head(N_Q, BLOCK_M, H)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
+    row_in = offs_m < N_Q
     o = _row_tile(Out, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_om, stride_od, N_Q).to(tl.float32)
     do = _row_tile(DOut, b, h, offs_m, offs_d, stride_db, stride_dh, stride_dm, stride_dd, N_Q).to(tl.float32)
-    tl.store(Delta + off_bh.to(tl.int64) * N_Q + offs_m, tl.sum(o * do, 1), mask=offs_m < N_Q)
+    tl.store(Delta + off_bh.to(tl.int64) * N_Q + offs_m, tl.sum(o * do, 1), mask=row_in)
+    rows = off_bh.to(tl.int64) * N_Q + offs_m
+    tl.store(DQAcc + rows[:, None] * HEAD_DIM + offs_d[None, :], tl.zeros([BLOCK_M, HEAD_DIM], tl.float32),
+             mask=row_in[:, None])
 
 
 @triton.jit
@@ -207,10 +222,12 @@ def _load_lse(LSE, off_bh, rows, N_Q):
 
 
 @triton.jit
-def _dkdv_step(k, v, key_ok, Q, DOut, LSE, Delta, off_bh, start_m, dk, dv, scale_log2,
-               stride_qm, stride_qd, stride_dm, stride_dd, N_Q,
-               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One query block's contribution to dV = P^T dO and dK (unscaled) = dS^T Q, all transposed."""
+def _bwd_step(k, v, key_ok, Q, DOut, LSE, Delta, DQAcc, off_bh, start_m, dk, dv, scale, scale_log2,
+              stride_qm, stride_qd, stride_dm, stride_dd, N_Q,
+              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One query block against the held key block: 5 matrix products (FlashAttention-2's count).
+    dV += P^T dO and dK (unscaled) += dS^T Q accumulate in registers, all transposed; dQ += dS K
+    (scaled) goes to the fp32 accumulator with atomic adds, since other key blocks add to it too."""
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     row_in = rows < N_Q
@@ -218,30 +235,35 @@ def _dkdv_step(k, v, key_ok, Q, DOut, LSE, Delta, off_bh, start_m, dk, dv, scale
     do = tl.load(DOut + rows[:, None] * stride_dm + offs_d[None, :] * stride_dd, mask=row_in[:, None], other=0.0)
     lse = _load_lse(LSE, off_bh, rows, N_Q)
     delta = tl.load(Delta + off_bh.to(tl.int64) * N_Q + rows, mask=row_in, other=0.0)
-    # Recompute P^T from the saved LSE; masked keys get -inf, hence p exactly 0.
+    # Recompute P^T from the saved LSE; masked keys get -inf, hence p exactly 0 (and dS exactly 0).
     sT = _dot(k, tl.trans(q), DOT_PRECISION)
     sT = tl.where(key_ok[:, None], sT * scale_log2, float("-inf"))
     pT = tl.exp2(sT - lse[None, :])
     dv += _dot(pT.to(do.dtype), do, DOT_PRECISION)
     dpT = _dot(v, tl.trans(do), DOT_PRECISION)
-    dsT = pT * (dpT - delta[None, :])                      # softmax backward: dS = P (dP - delta)
-    dk += _dot(dsT.to(q.dtype), q, DOT_PRECISION)
+    dsT = (pT * (dpT - delta[None, :])).to(q.dtype)        # softmax backward: dS = P (dP - delta)
+    dk += _dot(dsT, q, DOT_PRECISION)
+    dq = _dot(tl.trans(dsT), k, DOT_PRECISION) * scale
+    # Relaxed: the adds need no ordering against other memory traffic (acq_rel would fence).
+    tl.atomic_add(DQAcc + (off_bh.to(tl.int64) * N_Q + rows)[:, None] * HEAD_DIM + offs_d[None, :], dq,
+                  mask=row_in[:, None], sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, KeyMask, KeyEnd, DOut, LSE, Delta, DK, DV,
-                   scale, scale_log2,
-                   stride_qb, stride_qh, stride_qm, stride_qd,
-                   stride_kb, stride_kh, stride_kn, stride_kd,
-                   stride_vb, stride_vh, stride_vn, stride_vd,
-                   stride_db, stride_dh, stride_dm, stride_dd,
-                   stride_mb, H, N_Q, N_K,
-                   stride_gb, stride_gh, stride_gn, stride_gd,  # dK and dV (contiguous, same shape)
-                   HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
-    # Program (key block, batch * head): dK and dV of these keys, summed over ALL query blocks.
-    # Everything is computed transposed ([keys, queries]) so the key block stays in registers.
+def _attn_bwd(Q, K, V, KeyMask, KeyEnd, DOut, LSE, Delta, DQAcc, DK, DV,
+              scale, scale_log2,
+              stride_qb, stride_qh, stride_qm, stride_qd,
+              stride_kb, stride_kh, stride_kn, stride_kd,
+              stride_vb, stride_vh, stride_vn, stride_vd,
+              stride_db, stride_dh, stride_dm, stride_dd,
+              stride_mb, H, N_Q, N_K,
+              stride_gb, stride_gh, stride_gn, stride_gd,  # dK and dV (contiguous, same shape)
+              HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    # Program (key block, batch * head): dK and dV of these keys, summed over ALL query blocks, and
+    # these keys' share of dQ. Everything is computed transposed ([keys, queries]) so the key block
+    # stays in registers.
     start_n, off_bh, b, h = _block_and_head(N_K, BLOCK_N, H)
     cols = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -249,7 +271,8 @@ def _attn_bwd_dkdv(Q, K, V, KeyMask, KeyEnd, DOut, LSE, Delta, DK, DV,
                               stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, cols, offs_d, N_K, HAS_MASK)
     Q += b * stride_qb + h * stride_qh
     DOut += b * stride_db + h * stride_dh
-    # A key block past the sample's last valid key gets dK = dV = 0 without looping.
+    # A key block past the sample's last valid key gets dK = dV = 0 (and adds nothing to dQ)
+    # without looping.
     q_end = N_Q
     if HAS_MASK:
         q_end = tl.where(start_n * BLOCK_N < tl.load(KeyEnd + b), N_Q, 0)
@@ -259,79 +282,22 @@ def _attn_bwd_dkdv(Q, K, V, KeyMask, KeyEnd, DOut, LSE, Delta, DK, DV,
     if INTERPRET:
         start_m = 0
         while start_m < q_end:
-            dk, dv = _dkdv_step(k, v, key_ok, Q, DOut, LSE, Delta, off_bh, start_m, dk, dv, scale_log2,
-                                stride_qm, stride_qd, stride_dm, stride_dd, N_Q,
-                                HEAD_DIM, BLOCK_M, DOT_PRECISION)
+            dk, dv = _bwd_step(k, v, key_ok, Q, DOut, LSE, Delta, DQAcc, off_bh, start_m, dk, dv, scale,
+                               scale_log2, stride_qm, stride_qd, stride_dm, stride_dd, N_Q,
+                               HEAD_DIM, BLOCK_M, DOT_PRECISION)
             start_m += BLOCK_M
     else:
         for start_m in range(0, q_end, BLOCK_M):
-            dk, dv = _dkdv_step(k, v, key_ok, Q, DOut, LSE, Delta, off_bh, start_m, dk, dv, scale_log2,
-                                stride_qm, stride_qd, stride_dm, stride_dd, N_Q,
-                                HEAD_DIM, BLOCK_M, DOT_PRECISION)
+            dk, dv = _bwd_step(k, v, key_ok, Q, DOut, LSE, Delta, DQAcc, off_bh, start_m, dk, dv, scale,
+                               scale_log2, stride_qm, stride_qd, stride_dm, stride_dd, N_Q,
+                               HEAD_DIM, BLOCK_M, DOT_PRECISION)
     dk *= scale
     g_offs = b * stride_gb + h * stride_gh + cols[:, None] * stride_gn + offs_d[None, :] * stride_gd
     tl.store(DK + g_offs, dk.to(DK.dtype.element_ty), mask=(cols < N_K)[:, None])
     tl.store(DV + g_offs, dv.to(DV.dtype.element_ty), mask=(cols < N_K)[:, None])
 
 
-@triton.jit
-def _dq_step(q, do, lse, delta, K, V, KeyMask, b, start_n, dq, scale_log2,
-             stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, N_K,
-             HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-             DOT_PRECISION: tl.constexpr):
-    """One key block's contribution to dQ (unscaled) = dS K."""
-    cols = start_n + tl.arange(0, BLOCK_N)
-    k, v, key_ok = _key_block(K, V, KeyMask, b, stride_kn, stride_kd, stride_vn, stride_vd, stride_mb,
-                              cols, tl.arange(0, HEAD_DIM), N_K, HAS_MASK)
-    s = _dot(q, tl.trans(k), DOT_PRECISION)
-    s = tl.where(key_ok[None, :], s * scale_log2, float("-inf"))
-    p = tl.exp2(s - lse[:, None])
-    dp = _dot(do, tl.trans(v), DOT_PRECISION)
-    ds = p * (dp - delta[:, None])
-    dq += _dot(ds.to(k.dtype), k, DOT_PRECISION)
-    return dq
-
-
-@triton.jit
-def _attn_bwd_dq(Q, K, V, KeyMask, KeyEnd, DOut, LSE, Delta, DQ,
-                 scale, scale_log2,
-                 stride_qb, stride_qh, stride_qm, stride_qd,
-                 stride_kb, stride_kh, stride_kn, stride_kd,
-                 stride_vb, stride_vh, stride_vn, stride_vd,
-                 stride_db, stride_dh, stride_dm, stride_dd,
-                 stride_mb, H, N_Q, N_K,
-                 stride_gb, stride_gh, stride_gm, stride_gd,  # dQ (contiguous)
-                 HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
-    # Program (query block, batch * head): dQ of these queries, summed over ALL key blocks.
-    start_m, off_bh, b, h = _block_and_head(N_Q, BLOCK_M, H)
-    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    row_in = rows < N_Q
-    q = _row_tile(Q, b, h, rows, offs_d, stride_qb, stride_qh, stride_qm, stride_qd, N_Q)
-    do = _row_tile(DOut, b, h, rows, offs_d, stride_db, stride_dh, stride_dm, stride_dd, N_Q)
-    lse = _load_lse(LSE, off_bh, rows, N_Q)
-    delta = tl.load(Delta + off_bh.to(tl.int64) * N_Q + rows, mask=row_in, other=0.0)
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
-    key_end = _key_end(KeyEnd, b, N_K, HAS_MASK)
-
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    if INTERPRET:
-        start_n = 0
-        while start_n < key_end:
-            dq = _dq_step(q, do, lse, delta, K, V, KeyMask, b, start_n, dq, scale_log2,
-                          stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, N_K,
-                          HAS_MASK, HEAD_DIM, BLOCK_N, DOT_PRECISION)
-            start_n += BLOCK_N
-    else:
-        for start_n in range(0, key_end, BLOCK_N):
-            dq = _dq_step(q, do, lse, delta, K, V, KeyMask, b, start_n, dq, scale_log2,
-                          stride_kn, stride_kd, stride_vn, stride_vd, stride_mb, N_K,
-                          HAS_MASK, HEAD_DIM, BLOCK_N, DOT_PRECISION)
-    dq *= scale
-    tl.store(DQ + b * stride_gb + h * stride_gh + rows[:, None] * stride_gm + offs_d[None, :] * stride_gd,
-             dq.to(DQ.dtype.element_ty), mask=row_in[:, None])
+_INTERPRETED = not isinstance(_attn_fwd, triton.runtime.JITFunction)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -341,35 +307,37 @@ def _configs(n_q, n_k, head_dim):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, fixed per shape: no autotuning, because
     none of this could be measured (no GPU); `python -m kernels.attention --sweep` times
     alternatives on a GPU and CONFIG_OVERRIDE takes the winner without editing this function.
+    The interpreter (CPU tests) runs these same configs, so the tests check the launched tiling.
 
     Hopper (sm_90) reasoning, from the Triton fused-attention tutorial's H100 settings and the
-    register counts that ptxas reports for these kernels (tests/test_attention.py compiles them):
+    sm_90 compile of these kernels (`python -m kernels.attention --sass`):
     - forward: BLOCK_M = 128 queries per program (one warpgroup issues two m64 wgmma tiles)
       streaming BLOCK_N = 64 keys through 3 pipeline stages (3 * 2 * 64 * D * 2 bytes = 48 KiB at
       D = 64). Short query sets (the 50-token encoders, the 49-query decoder) waste most of a
       128-row block, so BLOCK_M drops to 64 when Nq <= 64; Nk <= 32 uses 32-key blocks.
       D = 128 doubles the accumulator: 8 warps keep it in registers without spilling.
-    - backward: the tutorial's split - the block a program holds is large and the block it
-      streams is small: dK/dV holds 64 keys and streams 32 queries, dQ holds 64 queries and
-      streams 32 keys (the tutorial's 128-row held blocks spill registers here at D = 128 and
-      waste most of a block at the 50-token shapes). 2 stages: each step loads two tiles.
-    - the interpreter (CPU tests) uses 16 x 16 blocks so that small test shapes still run the
-      multi-block loops and the tail masking.
+    - backward: one kernel (FlashAttention-2's), 5 matrix products per tile pair, dQ through fp32
+      atomic adds. A program holds BLOCK_N = 128 keys (8 warps) and streams BLOCK_M = 64 queries
+      (64 x 64 at Nk <= 64, 4 warps): the fewest issued instructions per query-key pair of the
+      tiles compiled (32-query tiles are too short for wgmma, so their dQ product runs on mma.sync
+      through ldmatrix: 1124 warp instructions per 1k pairs at 32 x 64, 699 at 64 x 128; D = 128
+      holds 255 registers without spilling). 2 stages: each step loads two tiles.
+    - ALTERNATIVES (a 128-key forward, the 64-key backward) are compiled by --sass and timed by
+      --sweep; whether they win is for a GPU to say.
     """
     if CONFIG_OVERRIDE:
         return CONFIG_OVERRIDE
-    if _interpreting():
-        return dict(fwd=(16, 16, 4, 1), dkdv=(16, 16, 4, 1), dq=(16, 16, 4, 1))
     fwd_m = 64 if n_q <= 64 else 128
     fwd_n = 32 if n_k <= 32 else 64
     fwd_warps = 8 if (head_dim == 128 and fwd_m == 128) else 4
     fwd_stages = 2 if head_dim == 128 else 3
-    bwd_warps = 8 if head_dim == 128 else 4
-    return dict(fwd=(fwd_m, fwd_n, fwd_warps, fwd_stages),
-                dkdv=(32, 64, bwd_warps, 2), dq=(64, 32, bwd_warps, 2))
+    bwd = (64, 128, 8, 2) if n_k > 64 else (64, 64, 4, 2)
+    return dict(fwd=(fwd_m, fwd_n, fwd_warps, fwd_stages), bwd=bwd)
 
 
-CONFIG_OVERRIDE = None   # e.g. dict(fwd=(128, 64, 4, 3), dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2))
+CONFIG_OVERRIDE = None   # e.g. dict(fwd=(128, 64, 4, 3), bwd=(64, 128, 8, 2))
+ALTERNATIVES = {"128-key fwd": ("fwd", (128, 128, 8, 2)), "64-key bwd": ("bwd", (64, 64, 4, 2))}
+PREPROCESS_BLOCK_M = 64
 
 
 def _dot_precision(dtype):
@@ -383,56 +351,67 @@ def _strides(t):
     return tuple(t.stride())
 
 
-def _key_mask_args(key_mask, q):
-    """The mask as uint8 [B, Nk] plus key_end[b] = 1 + index of the sample's last valid key (0 if none)."""
+def _on_device(t):
+    """Launch on the tensor's own GPU, whichever device is current (a caller need not set_device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _keys_end(key_mask, q):
+    """key_end[b] = 1 + index of the sample's last valid key (0 if none), int32 [B]; an empty
+    tensor without a mask. Three small kernels: the forward computes it and the backward reuses it."""
+    if key_mask is None:
+        return torch.empty(0, dtype=torch.int32, device=q.device)
+    n_k = key_mask.shape[1]
+    positions = torch.arange(1, n_k + 1, device=key_mask.device, dtype=torch.int32)
+    return torch.where(key_mask, positions, 0).amax(dim=1).to(torch.int32)
+
+
+def _mask_args(key_mask, key_end, q):
+    """(mask as uint8 [B, Nk], key_end, the mask's batch stride) for the kernels."""
     if key_mask is None:   # HAS_MASK=False: the kernels never read these two pointers
         return q, q, 0
     mask_u8 = key_mask.contiguous().view(torch.uint8)
-    n_k = key_mask.shape[1]
-    positions = torch.arange(1, n_k + 1, device=key_mask.device, dtype=torch.int32)
-    key_end = torch.where(key_mask, positions, 0).amax(dim=1).to(torch.int32).contiguous()
     return mask_u8, key_end, mask_u8.stride(0)
 
 
-def _triton_forward(q, k, v, mask_u8, key_end, stride_mb, has_mask, scale):
+def _triton_forward(q, k, v, key_mask, key_end, scale):
     B, H, n_q, D = q.shape
     n_k = k.shape[2]
+    mask_u8, key_end, stride_mb = _mask_args(key_mask, key_end, q)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)
     block_m, block_n, warps, stages = _configs(n_q, n_k, D)["fwd"]
     grid = (triton.cdiv(n_q, block_m) * B * H,)
-    _attn_fwd[grid](q, k, v, mask_u8, key_end, out, lse, scale * _LOG2E,
-                    *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-                    stride_mb, H, n_q, n_k,
-                    HAS_MASK=has_mask, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
-                    DOT_PRECISION=_dot_precision(q.dtype), INTERPRET=_interpreting(),
-                    num_warps=warps, num_stages=stages)
+    with _on_device(q):
+        _attn_fwd[grid](q, k, v, mask_u8, key_end, out, lse, scale * _LOG2E,
+                        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+                        stride_mb, H, n_q, n_k,
+                        HAS_MASK=key_mask is not None, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
+                        DOT_PRECISION=_dot_precision(q.dtype), INTERPRET=_interpreting(),
+                        num_warps=warps, num_stages=stages)
     return out, lse
 
 
-def _triton_backward(do, q, k, v, out, lse, mask_u8, key_end, stride_mb, has_mask, scale):
+def _triton_backward(do, q, k, v, out, lse, key_mask, key_end, scale):
     B, H, n_q, D = q.shape
     n_k = k.shape[2]
-    cfg = _configs(n_q, n_k, D)
+    mask_u8, key_end, stride_mb = _mask_args(key_mask, key_end, q)
     delta = torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)
-    pre_m = cfg["dq"][0]
-    _attn_bwd_preprocess[(triton.cdiv(n_q, pre_m) * B * H,)](
-        out, do, delta, *_strides(out), *_strides(do), H, n_q, HEAD_DIM=D, BLOCK_M=pre_m)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dq_acc = torch.empty((B, H, n_q, D), dtype=torch.float32, device=q.device)  # zeroed by the preprocess
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    common = dict(HAS_MASK=has_mask, HEAD_DIM=D, DOT_PRECISION=_dot_precision(q.dtype),
-                  INTERPRET=_interpreting())
-    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), stride_mb, H, n_q, n_k)
-    block_m, block_n, warps, stages = cfg["dkdv"]
-    _attn_bwd_dkdv[(triton.cdiv(n_k, block_n) * B * H,)](
-        q, k, v, mask_u8, key_end, do, lse, delta, dk, dv, scale, scale * _LOG2E, *strides,
-        *_strides(dk), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
-    block_m, block_n, warps, stages = cfg["dq"]
-    _attn_bwd_dq[(triton.cdiv(n_q, block_m) * B * H,)](
-        q, k, v, mask_u8, key_end, do, lse, delta, dq, scale, scale * _LOG2E, *strides,
-        *_strides(dq), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
-    return dq, dk, dv
+    block_m, block_n, warps, stages = _configs(n_q, n_k, D)["bwd"]
+    with _on_device(q):
+        _attn_bwd_preprocess[(triton.cdiv(n_q, PREPROCESS_BLOCK_M) * B * H,)](
+            out, do, delta, dq_acc, *_strides(out), *_strides(do), H, n_q, HEAD_DIM=D,
+            BLOCK_M=PREPROCESS_BLOCK_M)
+        _attn_bwd[(triton.cdiv(n_k, block_n) * B * H,)](
+            q, k, v, mask_u8, key_end, do, lse, delta, dq_acc, dk, dv, scale, scale * _LOG2E,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(do), stride_mb, H, n_q, n_k, *_strides(dk),
+            HAS_MASK=key_mask is not None, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
+            DOT_PRECISION=_dot_precision(q.dtype), INTERPRET=_interpreting(),
+            num_warps=warps, num_stages=stages)
+    return dq_acc.to(q.dtype), dk, dv
 
 
 def _unit_last_stride(t):
@@ -442,20 +421,19 @@ def _unit_last_stride(t):
 
 
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor],
-                   scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """-> (out, lse) of the forward kernel."""
+                   scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (out, lse, key_end) of the forward kernel; key_end goes to the backward with lse."""
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
-    mask_u8, key_end, stride_mb = _key_mask_args(key_mask, q)
-    return _triton_forward(q, k, v, mask_u8, key_end, stride_mb, key_mask is not None, scale)
+    key_end = _keys_end(key_mask, q)
+    return (*_triton_forward(q, k, v, key_mask, key_end, scale), key_end)
 
 
 def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                   lse: torch.Tensor, key_mask: Optional[torch.Tensor],
+                   lse: torch.Tensor, key_mask: Optional[torch.Tensor], key_end: torch.Tensor,
                    scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dq, dk, dv) of the backward kernels."""
     q, k, v, dout = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v), _unit_last_stride(dout)
-    mask_u8, key_end, stride_mb = _key_mask_args(key_mask, q)
-    return _triton_backward(dout, q, k, v, out, lse, mask_u8, key_end, stride_mb, key_mask is not None, scale)
+    return _triton_backward(dout, q, k, v, out, lse, key_mask, key_end, scale)
 
 
 def _save_for_backward(ctx, inputs, output):
@@ -469,15 +447,15 @@ class _MaskedAttention(torch.autograd.Function):
     121 us per forward call on the 2-core dev CPU), which counts at the decoder's small shapes."""
     @staticmethod
     def forward(ctx, q, k, v, key_mask, scale):
-        out, lse = _attention_fwd(q, k, v, key_mask, scale)
-        _save_for_backward(ctx, (q, k, v, key_mask, scale), (out, lse))
+        out, lse, key_end = _attention_fwd(q, k, v, key_mask, scale)
+        _save_for_backward(ctx, (q, k, v, key_mask, scale), (out, lse, key_end))
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        q, k, v, out, lse, key_mask = ctx.saved_tensors
-        return (*_attention_bwd(dout, q, k, v, out, lse, key_mask, ctx.scale), None, None)
+        q, k, v, out, lse, key_end, key_mask = ctx.saved_tensors
+        return (*_attention_bwd(dout, q, k, v, out, lse, key_mask, key_end, ctx.scale), None, None)
 
 
 # torch.compile path: the same two functions as torch custom ops, so the compiler sees each as one opaque
@@ -488,17 +466,19 @@ _attention_bwd_op = torch.library.custom_op("rsmim::masked_attention_bwd", _atte
 
 @_attention_fwd_op.register_fake
 def _(q, k, v, key_mask, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)   # contiguous, as the real op
+    # Contiguous, as the real op; key_end is [B] int32 with a mask, empty without.
+    key_end = q.new_empty((0,) if key_mask is None else (q.shape[0],), dtype=torch.int32)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32), key_end
 
 
 @_attention_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, key_mask, scale):
+def _(dout, q, k, v, out, lse, key_mask, key_end, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _op_backward(ctx, dout, _dlse):
-    q, k, v, out, lse, key_mask = ctx.saved_tensors
-    return (*_attention_bwd_op(dout, q, k, v, out, lse, key_mask, ctx.scale), None, None)
+def _op_backward(ctx, dout, _dlse, _dkey_end):
+    q, k, v, out, lse, key_end, key_mask = ctx.saved_tensors
+    return (*_attention_bwd_op(dout, q, k, v, out, lse, key_mask, key_end, ctx.scale), None, None)
 
 
 _attention_fwd_op.register_autograd(_op_backward, setup_context=_save_for_backward)
@@ -600,52 +580,75 @@ def masked_attention(q, k, v, key_mask=None, scale=None, backend="auto"):
 
 
 # ------------------------------------------------------------------------------------------------
-# Ahead-of-time compile check (no GPU needed): the kernels lowered to sm_90 (Hopper) machine code
+# Offline performance record (no GPU needed): the launched kernels compiled for sm_90 as the JIT would
 # ------------------------------------------------------------------------------------------------
-def compile_for_target(head_dim=64, dtype="bf16", arch=90, has_mask=True, n_q=197, n_k=197):
-    """Compile the four kernels with the launch configs of (n_q, n_k, head_dim) for CUDA sm_<arch>.
+def _inputs_like_scripts(B, H, n_q, n_k, D, dtype, masked, device="cpu"):
+    """q, k, v, key_mask, dout with the scripts' layouts (so the JIT specialises the same strides):
+    self-attention q, k, v are views of one fused qkv projection [B, N, 3, H, D]; cross-attention
+    q is a [B, Nq, H, D] projection and k, v views of a fused [B, Nk, 2, H, D] one; dout arrives in
+    the [B, N, H, D] layout of the head merge that follows. Values uninitialised."""
+    if n_q == n_k:
+        q, k, v = torch.empty(B, n_q, 3, H, D, dtype=dtype, device=device).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        q = torch.empty(B, n_q, H, D, dtype=dtype, device=device).transpose(1, 2)
+        k, v = torch.empty(B, n_k, 2, H, D, dtype=dtype, device=device).permute(2, 0, 3, 1, 4).unbind(0)
+    mask = torch.ones(B, n_k, dtype=torch.bool, device=device) if masked else None
+    return q, k, v, mask, torch.empty(B, n_q, H, D, dtype=dtype, device=device).transpose(1, 2)
 
-    Runs triton's full pipeline (TTIR -> TTGIR -> LLVM -> PTX -> ptxas cubin) without a GPU.
-    Must run without TRITON_INTERPRET (the jitted functions are then real JITFunctions).
-    Returns {kernel name: (shared memory bytes, number of registers or None)}."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+
+def compile_for_target(n_q=197, n_k=197, head_dim=64, dtype=torch.bfloat16, has_mask=True, heads=12, arch=90):
+    """The kernels that one forward + backward launches at this shape, compiled for CUDA sm_<arch>
+    without a GPU, with the JIT's specialisation of the actual launch arguments (`kernels.
+    compile_like_jit`). Needs TRITON_INTERPRET unset. Returns [(kernel name, launch keyword
+    arguments, triton CompiledKernel)] in launch order."""
+    from kernels import capture_launches, compile_like_jit
     if _interpreting():
         raise RuntimeError("compile_for_target needs TRITON_INTERPRET unset")
-    tensor = f"*{dtype}"
-    pointers = {"Q": tensor, "K": tensor, "V": tensor, "Out": tensor, "DOut": tensor, "DQ": tensor,
-                "DK": tensor, "DV": tensor, "KeyMask": "*u8", "KeyEnd": "*i32", "LSE": "*fp32",
-                "Delta": "*fp32"}
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    cfg = _configs(n_q, n_k, head_dim)
-    precision = "ieee" if torch_dtype == torch.float32 else "tf32"
-    flags = dict(HAS_MASK=has_mask, HEAD_DIM=head_dim, DOT_PRECISION=precision, INTERPRET=False)
+    q, k, v, mask, dout = _inputs_like_scripts(2, heads, n_q, n_k, head_dim, dtype, has_mask)
+    scale = head_dim ** -0.5
+    with capture_launches(sys.modules[__name__], ["_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd"]) as launches:
+        out, lse, key_end = _attention_fwd(q, k, v, mask, scale)
+        _attention_bwd(dout, q, k, v, out, lse, mask, key_end, scale)
+    return [(fn.__name__, kwargs, compile_like_jit(fn, args, kwargs, arch)) for fn, args, kwargs in launches]
 
-    def blocks(name):
-        return dict(BLOCK_M=cfg[name][0], BLOCK_N=cfg[name][1]), cfg[name][2], cfg[name][3]
 
-    jobs = [(_attn_fwd, *blocks("fwd")), (_attn_bwd_dkdv, *blocks("dkdv")), (_attn_bwd_dq, *blocks("dq"))]
-    jobs = [(fn, dict(flags, **b), w, st) for fn, b, w, st in jobs]
-    jobs.insert(1, (_attn_bwd_preprocess, dict(HEAD_DIM=head_dim, BLOCK_M=cfg["dq"][0]), cfg["dq"][2], 1))
-    results = {}
-    for fn, constexprs, warps, stages in jobs:
-        signature = {}
-        for name in fn.arg_names:
-            if name in constexprs:
-                signature[name] = "constexpr"
-            elif name in pointers:
-                signature[name] = pointers[name]
-            elif name.startswith("scale"):
-                signature[name] = "fp32"
-            else:
-                signature[name] = "i32"
-        # Pointers 16-byte aligned, as torch allocations are.
-        attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in fn.arg_names if n in pointers}
-        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options=dict(num_warps=warps, num_stages=stages))
-        results[fn.__name__] = (compiled.metadata.shared, getattr(compiled, "n_regs", None))
-    return results
+def sass_report(shapes=None, dtype=torch.bfloat16):
+    """Markdown table: per kernel variant launched at the scripts' shapes (masked, bf16), its
+    resources and the SASS of its main loop, one loop iteration = one tile pair of BLOCK_M queries x
+    BLOCK_N keys. `warp instr / 1k scores` = loop instructions x warps x 1024 / (BLOCK_M x BLOCK_N):
+    the issue cost of 1024 query-key pairs, comparable across tile shapes and kernels."""
+    global CONFIG_OVERRIDE
+    from kernels import sass_stats
+    shapes = shapes or [s[1:] for s in BENCH_SHAPES]
+    runs = [(f"({n_q},{n_k},{D})", (n_q, n_k, D, H), None, None) for H, n_q, n_k, D in shapes]
+    H, n_q, n_k, D = shapes[0]
+    base = _configs(n_q, n_k, D)
+    runs += [(f"({n_q},{n_k},{D}) {alt}", (n_q, n_k, D, H), dict(base, **{part: cfg}), part)
+             for alt, (part, cfg) in ALTERNATIVES.items()]
+    print("| kernel | shape (Nq,Nk,D) | BLOCK_M x BLOCK_N | warps / stages | regs | shared B | spill B | "
+          "dots | loop instr | loop HGMMA | loop async copies | loop atomics | warp instr / 1k scores |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    seen = set()
+    for label, (n_q, n_k, D, H), override, part in runs:
+        CONFIG_OVERRIDE = override
+        try:
+            compiled = compile_for_target(n_q, n_k, D, dtype, True, H)
+        finally:
+            CONFIG_OVERRIDE = None
+        for name, kwargs, kernel in compiled:
+            # Each distinct kernel once (Nq and Nk are not specialised: 197 and 785 share them); an
+            # alternative shows only the kernel it changes.
+            if (kernel.hash in seen and not override) or (override and name != f"_attn_{part}"):
+                continue
+            seen.add(kernel.hash)
+            st = sass_stats(kernel)
+            bm, bn = kwargs["BLOCK_M"], kwargs.get("BLOCK_N")
+            loop = st["loop"]
+            cells = (f"{loop['instrs']} | {loop['mma']} | {loop['async_copy']} | {loop['atomic']} | "
+                     f"{loop['instrs'] * st['warps'] * 1024 / (bm * bn):.0f}") if loop and bn else \
+                f"- ({st['kernel']['instrs']} / program) | - | - | - | -"
+            print(f"| {name} | {label} | {bm} x {bn or '-'} | {st['warps']} / {st['stages']} | {st['regs']} | "
+                  f"{st['shared']} | {st['local']} | {st['dots']} | {cells} |", flush=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -717,14 +720,13 @@ def _time(fn, q, k, v, dout):
 def _sweep(shapes, dtype):
     """Time alternative block configs of our kernels (one kernel varied at a time) on this GPU."""
     global CONFIG_OVERRIDE
-    fwd_opts = [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 32, 4, 4)]
-    dkdv_opts = [(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 4, 3), (16, 64, 4, 3), (32, 128, 8, 2)]
-    dq_opts = [(64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (32, 64, 4, 3)]
+    fwd_opts = [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 4, 3), (64, 32, 4, 4)]
+    bwd_opts = [(64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (32, 128, 8, 2), (64, 128, 4, 2), (128, 128, 8, 2)]
     for B, H, n_q, n_k, D in shapes:
         q, k, v, dout, mask = _bench_inputs(B, H, n_q, n_k, D, dtype, masked=True)
         base = _configs(n_q, n_k, D)
         print(f"\nsweep ({B},{H},{n_q},{n_k},{D}) masked; default {base}")
-        for part, opts in (("fwd", fwd_opts), ("dkdv", dkdv_opts), ("dq", dq_opts)):
+        for part, opts in (("fwd", fwd_opts), ("bwd", bwd_opts)):
             for opt in opts:
                 CONFIG_OVERRIDE = dict(base, **{part: opt})
                 try:
@@ -743,7 +745,13 @@ def main():
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="input dtype")
     parser.add_argument("--sweep", action="store_true", help="also time alternative block configs of ours")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (saves its compile time)")
+    parser.add_argument("--sass", action="store_true",
+                        help="no benchmark: compile the launched kernels for sm_90 as the JIT would and print "
+                             "registers, shared memory and SASS counts per loop iteration (no GPU needed)")
     args = parser.parse_args()
+    if args.sass:
+        sass_report()
+        return
     if not torch.cuda.is_available():
         print("python -m kernels.attention needs CUDA: no GPU visible, nothing measured.")
         return

@@ -37,13 +37,17 @@ Conventions (the MaskFeat / SlowFast `HOGLayerC` ones, not scikit-image's):
   "At or beyond" is floor's convention. No non-zero float vector lies exactly on an interior edge
   (tan(20k deg) is irrational), so exact ties only occur at 0/180 deg, where both paths agree.
   Every integer gradient vector with |gx|, |gy| <= 1020 (all uint8 images) gets the same bin from
-  both paths (checked exhaustively). For float input the two can differ only when the vector is
-  within ~1e-7 rad of an edge (about 2 pixels in 1e7 for random gradients).
+  both paths (checked exhaustively). The reference takes atan2 in float64 (float32 atan2 / pi * 9
+  misbins vectors within a few microdegrees of an edge: 3 of the 29M pixel-channels of the
+  full-size test images, seeds 9-11). For float input the kernel's float32 products can still
+  differ from it for a vector within ~1e-8 rad of an edge: none of those 29M did.
 - Features: h / max(||h||_2, eps) per cell and channel, eps = 1e-12 (F.normalize's default, as in
   MaskFeat); all-zero cells stay zero. Channel-major layout: feature index = channel * 9 + bin.
 """
+import contextlib
 import math
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -93,8 +97,13 @@ def sobel_gradients(images):
 
 
 def orientation_bins(gx, gy):
-    """Unsigned orientation bin in 0..8: floor(atan2(gx, gy) / pi * 9) mod 9 (MaskFeat)."""
-    phase = torch.atan2(gx, gy) / math.pi * NBINS      # in [-9, 9]
+    """Unsigned orientation bin in 0..8: floor(atan2(gx, gy) / pi * 9) mod 9 (MaskFeat).
+
+    Evaluated in float64: float32 atan2(..) / pi * 9 is off by ~1e-7 bins, which puts a vector
+    within a few microdegrees of an edge in the wrong bin (1 pixel-channel in each of the 9.6M-sample
+    full-size test batches, e.g. one at 140.000003 deg); the float64 angle bins the float32
+    gradients as exact arithmetic does."""
+    phase = torch.atan2(gx.double(), gy.double()) / math.pi * NBINS   # in [-9, 9]
     return phase.floor().long() % NBINS                 # torch's % is Python's: -1 % 9 == 8
 
 
@@ -196,7 +205,10 @@ if triton is not None:
         r_mid = y * stride_h
         r_dn = y_dn * stride_h
         c_lf = x_lf * stride_w
-        c_mid = x * stride_w
+        # The centre column goes through a clamp as well (a no-op: x < W). Left bare, the compiler
+        # knows it is contiguous and vectorises its two loads, while the six reflected loads are
+        # scalar: two layouts, so 12 conversions through shared memory (104 barriers) per program.
+        c_mid = tl.minimum(x, W - 1) * stride_w
         c_rt = x_rt * stride_w
         image = x_ptr + b.to(tl.int64) * stride_b
 
@@ -293,16 +305,19 @@ def _launch(images, patch, cell, write_scores, write_features):
         return scores, (feats if write_features else None)
     nc_block = triton.next_power_of_2(patch_cells * patch_cells)
     elems = nc_block * cell * cell
-    # Warps: ~4 tile elements per thread and tile; ptxas (sm_90) reports 72-80 registers and no
-    # spills for patch 16 (2 warps) and patch 32 (8 warps). Not tuned on a GPU yet.
-    num_warps = max(1, min(8, elems // 128))
+    # Warps, from the sm_90 compile (`python -m kernels.hog --sass`): one warp per 4-cell tile keeps
+    # every row reduction inside the warp (no shared memory, no barrier) and issues the fewest warp
+    # instructions; 16-cell tiles take 2 warps (1 warp spills, 4 and 8 issue more instructions).
+    num_warps = max(1, min(8, elems // 512))
     mag_scale = 1.0 / 255.0 if images.dtype == torch.uint8 else 1.0
     sb, sc, sh, sw = images.stride()   # strided reads: non-contiguous input is never copied
-    _hog_kernel[(b * n_patches,)](
-        images, scores, feats, h, w, sb, sc, sh, sw,
-        patches_w, n_patches, cells_h, cells_w, mag_scale, FEATURE_EPS,
-        CELL=cell, PATCH_CELLS=patch_cells, NC_BLOCK=nc_block,
-        WRITE_SCORES=write_scores, WRITE_FEATURES=write_features, num_warps=num_warps)
+    # On the tensor's own GPU, whichever device is current (a caller need not call set_device).
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        _hog_kernel[(b * n_patches,)](
+            images, scores, feats, h, w, sb, sc, sh, sw,
+            patches_w, n_patches, cells_h, cells_w, mag_scale, FEATURE_EPS,
+            CELL=cell, PATCH_CELLS=patch_cells, NC_BLOCK=nc_block,
+            WRITE_SCORES=write_scores, WRITE_FEATURES=write_features, num_warps=num_warps)
     return scores, (feats if write_features else None)
 
 
@@ -346,32 +361,32 @@ def _bench_gpu(batch=256, size=224, patch=16):
     dev = torch.device("cuda")
     print(f"HOG patch scores, B={batch}, 3x{size}x{size}, patch {patch} | "
           f"{torch.cuda.get_device_name(dev)} | torch {torch.__version__} | triton "
-          f"{triton.__version__} | {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+          f"{triton.__version__} | {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", flush=True)
     reference = lambda x: scores_from_histograms(hog_reference(x, CELL), patch, CELL)  # noqa: E731
     compiled = torch.compile(reference)
     print(f"{'dtype':8} {'impl':18} {'median ms':>10} {'p20 ms':>8} {'p80 ms':>8} {'GB/s':>8} "
-          f"{'ms / Triton ms':>14}")
+          f"{'ms / Triton ms':>14}", flush=True)
     for dtype in (torch.float32, torch.uint8):
         g = torch.Generator(device=dev).manual_seed(0)
         x = torch.rand(batch, 3, size, size, device=dev, generator=g)
         x = (x * 255).round().to(torch.uint8) if dtype == torch.uint8 else x
-        out = patch_scores(x, patch, backend="triton")
-        ref = reference(x)
-        compiled(x)                # compile outside the timed region
-        torch.cuda.synchronize()
-        err = ((out - ref).abs().max() / ref.abs().max()).item()
-        nbytes = x.numel() * x.element_size() + out.numel() * 4
-        rows, t_triton = [], None
-        for name, fn in (("triton", lambda: patch_scores(x, patch, backend="triton")),
+        nbytes = x.numel() * x.element_size() + batch * (size // patch) ** 2 * 4
+        name = str(dtype).replace("torch.", "")
+        t_triton = None
+        # Triton first, torch.compile last: a cold inductor compile can take most of a short time
+        # limit (.ci/gpu gives this step 45 s), and every row is printed as soon as it is measured.
+        for impl, fn in (("triton", lambda: patch_scores(x, patch, backend="triton")),
                          ("torch eager", lambda: reference(x)),
                          ("torch.compile", lambda: compiled(x))):
+            fn()                   # compile / warm up outside the timed region
             ms, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
             t_triton = ms if t_triton is None else t_triton
-            rows.append((name, ms, p20, p80, nbytes / ms / 1e6, ms / t_triton))
-        for name, ms, p20, p80, gbs, ratio in rows:
-            print(f"{str(dtype).replace('torch.', ''):8} {name:18} {ms:10.3f} {p20:8.3f} "
-                  f"{p80:8.3f} {gbs:8.0f} {ratio:14.2f}")
-        print(f"{'':8} max |triton - reference| / max |reference| = {err:.2e}")
+            print(f"{name:8} {impl:18} {ms:10.3f} {p20:8.3f} {p80:8.3f} {nbytes / ms / 1e6:8.0f} "
+                  f"{ms / t_triton:14.2f}", flush=True)
+            if impl == "triton":
+                out, ref = fn(), reference(x)
+                err = ((out - ref).abs().max() / ref.abs().max()).item()
+                print(f"{'':8} max |triton - reference| / max |reference| = {err:.2e}", flush=True)
 
 
 def _bench_cpu(batch=8, size=224, patch=16):
@@ -395,6 +410,33 @@ def _bench_cpu(batch=8, size=224, patch=16):
               f"(min {times[0]:.1f}, max {times[-1]:.1f}) = {batch / times[2] * 1e3:.0f} images/s")
 
 
+SASS_VARIANTS = [  # (dtype, patch, features): what the scripts launch on 224 x 224 images
+    (torch.float32, 16, False),   # SelectiveMAE's patch ranking
+    (torch.uint8, 16, False),
+    (torch.float32, 32, True),    # hog_features: 4 x 4-cell tiles of 8-px cells
+]
+
+
+def sass_report():
+    """Markdown table of the sm_90 compile of each kernel variant (no GPU needed): resources and
+    SASS instruction counts per program (the kernel has no loop: one program = one pass)."""
+    from kernels import capture_launches, compile_like_jit, sass_stats
+    print("| variant | warps | regs | shared B | spill B | layout conversions | shared st / ld | barriers | "
+          "instr / thread | warp instr / program | warp instr / cell |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for dtype, patch, features in SASS_VARIANTS:
+        x = torch.empty(2, 3, 224, 224, dtype=dtype)
+        with capture_launches(sys.modules[__name__], ["_hog_kernel"]) as launches:
+            _launch(x, patch, CELL, not features, features)
+        (fn, args, kwargs), = launches
+        st = sass_stats(compile_like_jit(fn, args, kwargs))
+        k, cells = st["kernel"], (patch // CELL) ** 2
+        name = f"{str(dtype).replace('torch.', '')} patch {patch} {'features' if features else 'scores'}"
+        print(f"| {name} | {st['warps']} | {st['regs']} | {st['shared']} | {st['local']} | "
+              f"{st['convert_layout']} | {k['shared_st']} / {k['shared_ld']} | {k['bar']} | {k['instrs']} | "
+              f"{k['instrs'] * st['warps']} | {k['instrs'] * st['warps'] / cells:.0f} |", flush=True)
+
+
 if __name__ == "__main__":
     import argparse
     parser = argparse.ArgumentParser(description="Benchmark HOG patch scores (Triton vs torch).")
@@ -402,7 +444,13 @@ if __name__ == "__main__":
     parser.add_argument("--size", type=int, default=224, help="image side in pixels")
     parser.add_argument("--patch", type=int, default=16, help="patch side in pixels")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch default)")
+    parser.add_argument("--sass", action="store_true",
+                        help="no benchmark: compile each kernel variant for sm_90 as the JIT would and "
+                             "print registers, shared memory and SASS instruction counts (no GPU needed)")
     args = parser.parse_args()
+    if args.sass:
+        sass_report()
+        sys.exit(0)
     if args.threads:
         torch.set_num_threads(args.threads)
     if torch.cuda.is_available() and triton is not None:

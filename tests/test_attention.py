@@ -77,6 +77,10 @@ CASES = [  # (B, H, Nq, Nk, D, dtype, mask kind)
     (3, 1, 21, 18, 32, torch.float16, "hard"),
     (1, 2, 17, 17, 32, torch.float32, None),
     (1, 1, 5, 9, 128, torch.float32, "random"),
+    # Past the launched tiles (the interpreter runs the GPU configs): 2 query blocks x 4 key blocks
+    # forward; backward 2 key programs adding into the same dQ rows, 3 query tiles, ragged tails.
+    (3, 1, 150, 200, 32, torch.float32, "hard"),
+    (2, 2, 130, 140, 64, torch.bfloat16, "padded"),
 ]
 
 
@@ -190,22 +194,25 @@ def test_bad_inputs_raise_clear_errors():
     _err(lambda: masked_attention(q, k.to("meta"), k.to("meta")), ValueError, "same device")
 
 
-_COMPILE = """
-from kernels.attention import compile_for_target
-for name, (shared, regs) in compile_for_target(head_dim=64, dtype="bf16", arch=90).items():
-    print(name, "shared", shared)
-"""
-
-
-def test_kernels_compile_for_hopper_sm90():
-    """The real (non-interpreted) kernels go through triton's whole pipeline to an sm_90 cubin."""
+def test_sass_report_compiles_what_runs():
+    """`python -m kernels.attention --sass`: the kernels of every script shape go through triton's
+    whole pipeline to sm_90 with the JIT's specialisation of the real launch arguments. The
+    backward is one kernel with FlashAttention-2's 5 matrix products per tile pair and dQ by
+    atomic adds; no kernel spills; the streamed loads are pipelined (async copies in the loop)."""
     import triton
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     if not ptxas.exists():
         pytest.skip(f"ptxas not shipped with this triton ({ptxas})")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _COMPILE], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "kernels.attention", "--sass"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for name in ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq"):
-        assert name in proc.stdout
+    rows = [[c.strip() for c in r.split("|")[1:-1]] for r in proc.stdout.splitlines() if r.startswith("| _attn")]
+    kernels = {r[0] for r in rows}
+    assert kernels == {"_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd"}, kernels
+    for name, shape, tile, warps, regs, shared, spill, dots, loop, mma, copies, atomics, per_k in rows:
+        assert int(spill) == 0 and 0 < int(regs) <= 255 and int(shared) <= 232448, (name, shape)
+        if name != "_attn_bwd_preprocess":
+            assert int(dots) == (5 if name == "_attn_bwd" else 2), (name, shape, dots)
+            assert int(mma) > 0 and int(copies) > 0, (name, shape, mma, copies)
+            assert (int(atomics) > 0) == (name == "_attn_bwd"), (name, shape, atomics)

@@ -151,6 +151,21 @@ def test_kernel_bins_at_named_directions_and_random_floats():
     assert torch.equal(_kernel_bins(g[0], g[1]), hog.orientation_bins(g[0], g[1]))
 
 
+def test_vectors_microdegrees_from_an_edge_get_the_exact_bin():
+    # The three gradient vectors of the full-size GPU test's images (randn seeds 9, 10, 11) that lie
+    # within 3e-6 degrees of a bin edge: float32 atan2 / pi * 9 put each in the neighbouring bin.
+    # The exact bin, from atan2 in float64: 140.000003 deg -> 7, -80.0000007 -> 4, 119.999997 -> 5.
+    gx = torch.tensor([float.fromhex(h) for h in ("0x1.518724p+1", "-0x1.998f44p-1", "0x1.cfdc3ap+1")])
+    gy = torch.tensor([float.fromhex(h) for h in ("-0x1.924008p+1", "0x1.20dd9ap-3", "-0x1.0bcf5p+1")])
+    exact = torch.tensor([7, 4, 5])
+    degrees = [math.degrees(math.atan2(a, b)) for a, b in zip(gx.tolist(), gy.tolist())]
+    assert [math.floor(d / 20) % 9 for d in degrees] == exact.tolist()
+    float32_bins = (torch.atan2(gx, gy) / math.pi * 9).floor().long() % 9
+    assert (float32_bins != exact).all()       # what the reference computed before
+    assert torch.equal(hog.orientation_bins(gx, gy), exact)
+    assert torch.equal(_kernel_bins(gx, gy), exact)
+
+
 def test_kernel_edge_literals_are_the_bin_edges():
     src = Path(hog.__file__).read_text()       # the kernel's literals, read from the source
     pairs = re.findall(r"\((-?[0-9.]+) \* u >= ([0-9.]+) \* v\)", src)
@@ -300,38 +315,45 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 
 
 # ---------------------------------------------------------------- compiles for Hopper
-_COMPILE_SM90 = r"""
-import triton
-from triton.compiler import ASTSource
-from triton.backends.compiler import GPUTarget
-from kernels.hog import _hog_kernel
-ints = ("H", "W", "stride_b", "stride_c", "stride_h", "stride_w", "patches_w", "n_patches",
-        "cells_h", "cells_w")
-for dtype, patch_cells, features, warps in (("fp32", 2, False, 2), ("u8", 2, False, 2),
-                                             ("bf16", 4, True, 8), ("fp32", 3, False, 8)):
-    sig = {"x_ptr": "*" + dtype, "scores_ptr": "*fp32", "feats_ptr": "*fp32"}
-    sig.update({n: "i32" for n in ints}, mag_scale="fp32", eps="fp32")
-    const = dict(CELL=8, PATCH_CELLS=patch_cells,
-                 NC_BLOCK=triton.next_power_of_2(patch_cells ** 2),
-                 WRITE_SCORES=not features, WRITE_FEATURES=features)
-    sig.update({k: "constexpr" for k in const})
-    k = triton.compile(ASTSource(fn=_hog_kernel, signature=sig, constexprs=const),
-                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-    assert len(k.asm["cubin"]) > 0 and ".target sm_90" in k.asm["ptx"]
-print("compiled for sm_90")
+_EXTRA_SM90 = r"""
+import sys, torch
+import kernels.hog as hog
+from kernels import capture_launches, compile_like_jit, sass_stats
+x = torch.empty(1, 3, 48, 48, dtype=torch.bfloat16)   # 9 cells per patch: a masked, padded cell block
+with capture_launches(hog, ["_hog_kernel"]) as launches:
+    hog._launch(x, 24, 8, True, False)
+st = sass_stats(compile_like_jit(*launches[0]))
+print("bf16 patch 24", st["warps"], st["local"], st["convert_layout"])
 """
 
 
-def test_kernel_compiles_for_sm90():
+def _without_interpreter(code_or_args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SM90], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=240)
+    args = ["-c", code_or_args] if isinstance(code_or_args, str) else code_or_args
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
     out = proc.stdout + proc.stderr
-    if proc.returncode != 0 and re.search(r"ptxas|No such file|not found|CUDA_HOME|libcuda", out):
+    if proc.returncode != 0 and re.search(r"ptxas|nvdisasm|cuobjdump|No such file|CUDA_HOME", out):
         pytest.skip(f"cannot compile for sm_90 on this machine (environment): {out[-300:]}")
     assert proc.returncode == 0, out[-3000:]
-    assert "compiled for sm_90" in proc.stdout
+    return proc.stdout
+
+
+def test_sass_report_compiles_what_runs_without_layout_conversions():
+    """`python -m kernels.hog --sass`: every launched variant compiles for sm_90 with the JIT's
+    specialisation, with no layout conversion (the shared-memory round trips issue 15 removed), no
+    spills, and the one-warp patch-16 programs with no shared memory and no barrier at all."""
+    rows = [r for r in _without_interpreter(["-m", "kernels.hog", "--sass"]).splitlines() if r.startswith("| ")]
+    table = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in rows[1:]}
+    assert set(table) == {"float32 patch 16 scores", "uint8 patch 16 scores", "float32 patch 32 features"}
+    for name, (warps, regs, shared, spill, conversions, st_ld, barriers, *_) in table.items():
+        assert int(spill) == 0 and int(conversions) == 0, (name, table[name])
+        assert 0 < int(regs) <= 255
+        if name.endswith("16 scores"):
+            assert (warps, shared, st_ld, barriers) == ("1", "0", "0 / 0", "0"), (name, table[name])
+    extra = _without_interpreter(_EXTRA_SM90)
+    assert "bf16 patch 24 2 0 0" in extra, extra
 
 
 def test_cpu_benchmark_runs_without_cuda(capsys):
