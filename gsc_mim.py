@@ -129,10 +129,10 @@ def get_args_parser():
     return p
 
 
-# What a checkpoint fixes for --eval-only/--export/--visualize: the model, the masks --visualize
-# draws, and the seed (the table's random-init floor is that seed's initial backbone).
-MODEL_KEYS = ("arch", "patch_size", "img_size", "out_dim", "head_hidden", "norm_last_layer", "mask_shape",
-              "mask_ratio", "clean_prob", "seed", "skip_bad")
+# A resume must match the model (ARCH_KEYS). --eval-only/--export/--visualize take it from the checkpoint,
+# with the masks --visualize draws and the seed (the table's random-init floor is that seed's backbone).
+ARCH_KEYS = ("arch", "patch_size", "img_size", "out_dim", "head_hidden", "norm_last_layer")
+MODEL_KEYS = (*ARCH_KEYS, "mask_shape", "mask_ratio", "clean_prob", "seed", "skip_bad")
 
 
 def same_data(a, b):
@@ -704,9 +704,6 @@ def load_gsc_checkpoint(path):
     return ck
 
 
-ARCH_KEYS = ("arch", "patch_size", "img_size", "out_dim", "head_hidden", "norm_last_layer")
-
-
 def check_resume(ck, path, args, digest):
     """--resume continues the same run: the same model, data and split (the data may have moved)."""
     saved = ck["args"]
@@ -1133,7 +1130,7 @@ def bench(args):
     line = (f"bench {args.arch}/{args.patch_size} img {args.img_size} batch {args.batch_size}x{args.world_size} K {args.out_dim} "
             f"amp {args.amp} attn {args.attn} compile {args.compile} on {dev.type}: {ips:.1f} images/s, step {dt * 1000:.1f} ms, "
             f"softmax/CE of the losses {loss_ms:.1f} ms ({100 * loss_ms / (dt * 1000):.1f}% of the step); host data "
-            f"side per step: loader {host_ms[0]:.1f} ms ({args.workers} workers, IPC masks in them), "
+            f"side per step: loader {host_ms[0]:.1f} ms ({args.workers} workers build the IPC masks), "
             f"IPC masks alone {host_ms[1]:.1f} ms")
     if dev.type == "cuda":
         line += ", TF32 matmul/cudnn on, cudnn.benchmark on"

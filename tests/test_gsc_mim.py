@@ -317,6 +317,9 @@ def test_resume_never_hands_a_device_rng_state_to_set_rng_state(tmp_path, monkey
     monkeypatch.setattr(torch, "set_rng_state", checked_set_rng_state)
     gsc.main([*flags, "--resume", "auto"])
     assert seen and set(seen) == {"cpu"}
+    for other, match in ((["--split-seed", "1"], "same data and split"), (["--arch", "vit_small"], "--arch vit_tiny")):
+        with pytest.raises(data.UserError, match=match):  # another split or model is not a resume
+            gsc.main([*flags, "--resume", "auto", *other])
 
 
 def test_torchrun_two_processes_exact_resume(run_torchrun, tmp_path):
