@@ -8,15 +8,20 @@ schedules -> training -> evaluation -> visualisation -> benchmark -> main.
 
     python gsc_mim.py                                   # CPU demo: synthetic data, ViT-Tiny, 64 px
     python gsc_mim.py --data UCM --data-root ../shared/data --arch vit_small --epochs 300
-    torchrun --standalone --nproc_per_node=8 gsc_mim.py --data AID --data-root /datasets --cache /tmp/c
+    torchrun --standalone --nproc_per_node=8 gsc_mim.py --data AID --data-root /datasets
     python gsc_mim.py --data UCM --data-root ../shared/data --clean-prob 1   # plain iBOT ablation
-    python gsc_mim.py --eval-only runs/gsc_mim_UCM/checkpoint.pth --data UCM --data-root ../shared/data
-    python gsc_mim.py --export runs/gsc_mim_UCM/checkpoint.pth      # -> OUT/backbone.pth (timm names)
-    python gsc_mim.py --visualize runs/gsc_mim_UCM/checkpoint.pth --data UCM --data-root ../shared/data
+    python gsc_mim.py --data UCM --data-root ../shared/data --resume auto    # continue OUT/checkpoint.pth
+    python gsc_mim.py --eval-only runs/gsc_mim_UCM/checkpoint.pth   # data, split, model from the checkpoint
+    python gsc_mim.py --export runs/gsc_mim_UCM/checkpoint.pth      # -> runs/gsc_mim_UCM/backbone.pth (timm)
+    python gsc_mim.py --visualize runs/gsc_mim_UCM/checkpoint.pth   # -> runs/gsc_mim_UCM/visualize.png
     python gsc_mim.py --bench 20 --arch vit_small --batch-size 128 --img-size 224 --data synthetic
 """
 import argparse
 import copy
+import datetime
+import functools
+import hashlib
+import inspect
 import json
 import math
 import os
@@ -45,12 +50,16 @@ def get_args_parser():
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="AID | NWPU-RESISC45 | UCM | synthetic | folder-per-class "
                    "path. Omitted: a small CPU demo on synthetic data (explicit flags still win)")
-    g.add_argument("--data-root", default="./datasets", help="folder holding the named datasets")
+    g.add_argument("--data-root", default=None, help="folder holding the named datasets (./datasets)")
+    g.add_argument("--split-seed", type=int, default=None, help="seed of the train/test split; stored in "
+                   "the checkpoint (0)")
     g.add_argument("--synthetic-images", type=int, default=None, help="size of the synthetic dataset (1000)")
     g.add_argument("--img-size", type=int, default=None, help="global crop size (224; demo 64)")
-    g.add_argument("--load-size", type=int, default=None, help="decode size before cropping (img*8/7)")
-    g.add_argument("--cache", default=None, help="folder for a decoded uint8 memmap of the dataset")
-    g.add_argument("--workers", type=int, default=4, help="DataLoader workers per process")
+    g.add_argument("--load-size", type=int, default=None,
+                   help="decode size the training crops are taken from (default: native, at most 2x --img-size)")
+    g.add_argument("--cache", default="auto",
+                   help="uint8 cache of the decoded dataset: auto (default location), none, or a folder")
+    g.add_argument("--workers", type=int, default=None, help="DataLoader workers per process (4)")
     g.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of failing")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default=None, choices=list(ARCHS), help="ViT size (vit_small; demo vit_tiny)")
@@ -100,22 +109,61 @@ def get_args_parser():
     g.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"], help="autocast (bf16 on GPU)")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="run folder (runs/gsc_mim_<data>)")
-    g.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for OUT/checkpoint.pth")
-    g.add_argument("--eval-only", default=None, metavar="CKPT", help="evaluate a checkpoint's teacher")
+    g.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for OUT/checkpoint.pth if it exists")
+    g.add_argument("--save-every", type=float, default=10, metavar="MINUTES", help="checkpoint every MINUTES "
+                   "of wall clock (0: only at the end); always at the end, at --max-steps and on SIGTERM/SIGUSR1")
+    g.add_argument("--eval-every", type=int, default=None, metavar="N", help="20-NN accuracy of the teacher "
+                   "every N epochs into OUT/log.jsonl and OUT/curves.png (about 5 per run; 0: off)")
+    g.add_argument("--eval-only", default=None, metavar="CKPT",
+                   help="evaluate CKPT: data, split and model from the checkpoint; results beside it unless --out")
     g.add_argument("--eval-feat", default="cls", choices=["cls", "cls+avg"], help="evaluation features")
-    g.add_argument("--export", default=None, metavar="CKPT", help="write OUT/backbone.pth (timm names)")
-    g.add_argument("--visualize", default=None, metavar="CKPT", help="write OUT/visualize.png")
+    g.add_argument("--export", default=None, metavar="CKPT",
+                   help="write the backbone of CKPT with timm names to backbone.pth beside it unless --out")
+    g.add_argument("--visualize", default=None, metavar="CKPT",
+                   help="write visualize.png for CKPT beside it unless --out")
     g.add_argument("--bench", type=int, default=0, metavar="STEPS", help="benchmark STEPS steps and exit")
-    g.add_argument("--seed", type=int, default=0, help="initial weights, splits; each rank adds its rank for its RNG")
+    g.add_argument("--seed", type=int, default=0, help="initial weights and shuffling; each rank adds its rank")
     g.add_argument("--log-every", type=int, default=20, help="steps between log lines (host syncs)")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many global steps")
+    g.add_argument("--max-steps", type=int, default=None, help="stop (and checkpoint) after this many global steps")
     g.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
     return p
 
 
-def resolve_defaults(args):
-    """No --data: CPU demo settings; otherwise the paper's. Explicit flags (not None) always win."""
-    demo = args.data is None
+# A resume must match the model (ARCH_KEYS). --eval-only/--export/--visualize take it from the checkpoint,
+# with the masks --visualize draws and the seed (the table's random-init floor is that seed's backbone).
+ARCH_KEYS = ("arch", "patch_size", "img_size", "out_dim", "head_hidden", "norm_last_layer")
+MODEL_KEYS = (*ARCH_KEYS, "mask_shape", "mask_ratio", "clean_prob", "seed", "skip_bad")
+
+
+def same_data(a, b):
+    """The same --data: a dataset name in any case, or two paths of one folder."""
+    return str(a).lower() == str(b).lower() or Path(str(a)).expanduser().resolve() == Path(str(b)).expanduser().resolve()
+
+
+def from_checkpoint(args, saved, ckpt):
+    """--eval-only/--export/--visualize: the data, split and model of the run that wrote `ckpt`.
+    Explicit flags win where that is safe (--data-root when the dataset moved, --batch-size,
+    --workers, --cache, --out); another --data, --synthetic-images or --split-seed is refused, as
+    another split would put pretraining images in the test split. Returns whether it was the demo."""
+    for key in ("data", "synthetic_images", "split_seed"):
+        mine, theirs = getattr(args, key), saved[key]
+        if mine is not None and not (same_data(mine, theirs) if key == "data" else mine == theirs):
+            flag = "--" + key.replace("_", "-")
+            raise data.UserError(f"{flag} {mine} differs from the checkpoint's {theirs}: another dataset or split "
+                                 f"would put pretraining images in the test split; omit {flag}")
+        setattr(args, key, theirs)
+    for key in MODEL_KEYS:
+        setattr(args, key, saved[key])
+    args.data_root, args.batch_size = args.data_root or saved["data_root"], args.batch_size or saved["batch_size"]
+    args.workers = saved["workers"] if args.workers is None else args.workers
+    args.out = args.out or str(Path(ckpt).parent)
+    return saved["demo"]
+
+
+def resolve_defaults(args, saved=None, ckpt=None):
+    """No --data: CPU demo settings; otherwise the paper's. Explicit flags (not None) always win.
+    saved: the args stored in `ckpt`, given to --eval-only/--export/--visualize (see from_checkpoint)."""
+    demo = from_checkpoint(args, saved, ckpt) if saved else args.data is None
     d = dict(data="synthetic", arch="vit_tiny", img_size=64, patch_size=16, out_dim=1024, epochs=4,
              batch_size=32, warmup_epochs=1, warmup_teacher_temp_epochs=2, synthetic_images=600,
              local_crop_size=32) if demo else \
@@ -126,7 +174,12 @@ def resolve_defaults(args):
             setattr(args, k, v)
     if args.norm_last_layer is None:  # iBOT: free norms help small ViTs converge
         args.norm_last_layer = args.arch not in ("vit_tiny", "vit_small")
-    args.load_size = args.load_size or round(args.img_size * 8 / 7)
+    named = str(args.data).lower() in [n.lower() for n in (*data.DATASETS, "synthetic")]
+    if not named and Path(args.data).expanduser().is_dir():  # absolute in the checkpoint: found from any folder
+        args.data = str(Path(args.data).expanduser().resolve())
+    args.data_root = str(Path(args.data_root or "./datasets").expanduser().resolve())
+    args.split_seed, args.workers = args.split_seed or 0, 4 if args.workers is None else args.workers
+    args.eval_every = max(1, args.epochs // 5) if args.eval_every is None else args.eval_every
     args.amp = args.amp or ("bf16" if torch.cuda.is_available() else "none")
     args.out, args.demo = args.out or f"runs/gsc_mim_{Path(str(args.data)).name}", demo
     return args
@@ -342,12 +395,12 @@ def block_mask(ratios, grid_h, grid_w, rng=np.random, max_tries=10, aspect=(0.3,
     idx = np.flatnonzero(count < target)  # images still drawing rectangles
     while len(idx):
         n, remaining = len(idx), target[idx] - count[idx]
-        area = min_area + (remaining - min_area) * rng.random_sample(n)  # = random.uniform(lo, hi)
-        ar = np.exp(log_lo + (log_hi - log_lo) * rng.random_sample(n))
+        area = min_area + (remaining - min_area) * rng.random(n)  # = random.uniform(lo, hi)
+        ar = np.exp(log_lo + (log_hi - log_lo) * rng.random(n))
         h = np.rint(np.sqrt(area * ar)).astype(np.int64)
         w = np.rint(np.sqrt(area / ar)).astype(np.int64)
-        top = np.floor(rng.random_sample(n) * (grid_h - h + 1)).astype(np.int64)
-        left = np.floor(rng.random_sample(n) * (grid_w - w + 1)).astype(np.int64)
+        top = np.floor(rng.random(n) * (grid_h - h + 1)).astype(np.int64)
+        left = np.floor(rng.random(n) * (grid_w - w + 1)).astype(np.int64)
         rect = ((rows >= top[:, None, None]) & (rows < (top + h)[:, None, None])
                 & (cols >= left[:, None, None]) & (cols < (left + w)[:, None, None]))
         sub = mask[idx]
@@ -363,7 +416,7 @@ def block_mask(ratios, grid_h, grid_w, rng=np.random, max_tries=10, aspect=(0.3,
 def random_mask(ratios, n, rng=np.random):
     """Exactly round(r * N) uniformly random positions per image, bool [B, N]."""
     k = np.rint(np.asarray(ratios) * n).astype(np.int64)
-    rank = rng.random_sample((len(k), n)).argsort(1).argsort(1)
+    rank = rng.random((len(k), n)).argsort(1).argsort(1)
     return rank < k[:, None]
 
 
@@ -373,9 +426,9 @@ def ipc_masks(batch, grid_h, grid_w, clean_prob=0.5, ratio_range=(0.1, 0.5), sha
     With probability clean_prob both views are clean (sec. 3.1 (5): "ratio 0 with probability
     0.5"); otherwise r ~ U[ratio_range] and the roles of s1/s2 are swapped at random.
     Returns (m1, m2), bool numpy [B, N] (True = masked)."""
-    clean = rng.random_sample(batch) < clean_prob
+    clean = rng.random(batch) < clean_prob
     ratio = np.where(clean, 0.0, rng.uniform(ratio_range[0], ratio_range[1], size=batch))
-    swap = rng.random_sample(batch) < 0.5
+    swap = rng.random(batch) < 0.5
     if shape == "block":
         m = block_mask(ratio, grid_h, grid_w, rng)
     else:
@@ -493,14 +546,17 @@ def clip_gradients(model, clip):
 
 # ---- Training ------------------------------------------------------------------------------------
 def setup_distributed(args):
+    """Global rank for logging, checkpoints and evaluation; LOCAL_RANK for the device of this node."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     args.rank, args.world_size = int(os.environ.get("RANK", 0)), world
     local = int(os.environ.get("LOCAL_RANK", 0))
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv (patch embedding)
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left outside autocast
+    if world > 1 and not dist.is_initialized():  # 3 h: the other ranks wait while rank 0 evaluates
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=3))
     args.device = torch.device(f"cuda:{local}" if cuda else "cpu")
     seed = args.seed + args.rank  # per-rank seed
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
@@ -540,8 +596,9 @@ def build_run(args, niter_per_ep):
         amp_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp))
 
 
-def train_step(run, images, it, epoch):
-    """One GSC-MIM step on a uint8 batch; returns detached loss tensors (no host sync)."""
+def train_step(run, images, masks, it, epoch):
+    """One GSC-MIM step on a uint8 batch and its IPC masks (ipc_batch: built by the loader workers);
+    returns detached loss tensors (no host sync)."""
     args, dev, opt = run.args, run.device, run.optimizer
     for i, g in enumerate(opt.param_groups):
         g["lr"] = float(run.lr_schedule[it])
@@ -551,12 +608,7 @@ def train_step(run, images, it, epoch):
     B = images.shape[0]
     (t1, _), (t2, _) = run.aug_t1(images), run.aug_t2(images)
     local = torch.cat([run.aug_local(images)[0] for _ in range(args.local_crops)]) if args.local_crops else None
-    gh = args.img_size // args.patch_size
-    m1, m2 = ipc_masks(B, gh, gh, args.clean_prob, args.mask_ratio, args.mask_shape)
-    masks = np.concatenate([m1, m2])
-    index, weight = masked_token_index(masks)
-    masks_t, index, weight = [(t.pin_memory() if dev.type == "cuda" else t).to(dev, non_blocking=True)
-                              for t in (torch.from_numpy(masks), index, weight)]
+    masks_t, index, weight = [t.to(dev, non_blocking=True) for t in masks]  # pinned by the loader on CUDA
     views = torch.cat([t1, t2])  # both global crops through the encoder in one call
     tt = float(run.teacher_temp[min(epoch, len(run.teacher_temp) - 1)])
     with torch.autocast(dev.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
@@ -580,34 +632,141 @@ def train_step(run, images, it, epoch):
     return {"loss": loss.detach(), "loss_cls": loss_cls.detach(), "loss_mim": loss_mim.detach()}
 
 
-def rng_state():  # python, numpy (IPC masks), torch cpu and cuda (augmentations, drop-path)
+# data.py's pipeline change (resolve_load_size, cache="auto", build_loader(batch_extras=...)) lands on
+# its own branch; until it does, the loader of this data.py is adapted to the same contract here.
+PIPELINE = "batch_extras" in inspect.signature(data.build_loader).parameters
+
+
+def ipc_batch(rng, batch, args):
+    """A batch's IPC masks (bool [2B, N]: student view s1, then s2) and the loss's masked-token index
+    and weights. build_loader's batch_extras: built in the loader workers, off the training thread,
+    with rng = np.random.default_rng([seed, rank, epoch, batch index]) (resumes exactly)."""
+    g = args.img_size // args.patch_size
+    m1, m2 = ipc_masks(batch, g, g, args.clean_prob, args.mask_ratio, args.mask_shape, rng)
+    masks = np.concatenate([m1, m2])
+    return (torch.from_numpy(masks), *masked_token_index(masks))
+
+
+def loader_cache(args):
+    return args.cache if PIPELINE else None if args.cache in ("auto", "none") else args.cache
+
+
+def resolve_load_size(args):
+    if PIPELINE:
+        return data.resolve_load_size(args.data, args.data_root, args.img_size, args.load_size, args.synthetic_images)
+    return args.load_size or round(args.img_size * 8 / 7)
+
+
+def build_train_loader(args):
+    extras = dict(batch_extras=functools.partial(ipc_batch, args=args)) if PIPELINE else {}
+    return data.build_loader(args.data, args.data_root, "train", size=args.load_size, batch_size=args.batch_size,
+                             shuffle=True, drop_last=True, seed=args.seed, split_seed=args.split_seed,
+                             workers=args.workers, cache=loader_cache(args), synthetic_images=args.synthetic_images,
+                             skip_bad=args.skip_bad, **extras)
+
+
+def epoch_batches(loader, args, epoch):
+    """(uint8 images, labels, ipc_batch) of one epoch."""
+    if PIPELINE:
+        return loader
+    return ((x, y, ipc_batch(np.random.default_rng([args.seed, args.rank, epoch, i]), len(x), args))
+            for i, (x, y) in enumerate(loader))
+
+
+def dataset_and_digest(args):
+    """The run's dataset and a digest of its train/test split (relative paths): the checkpoint keeps
+    it, so a resume or --eval-only on other files or another split is refused, a moved copy is not."""
+    scenes = data.build_dataset(args.data, args.data_root, "all", seed=args.split_seed, img_size=args.img_size,
+                                synthetic_images=args.synthetic_images, skip_bad=args.skip_bad)
+    split = [[scenes.all_samples[i] for i in scenes.splits[k]] for k in ("train", "test")]
+    return scenes, hashlib.sha1(json.dumps(split).encode()).hexdigest()
+
+
+# ---- Checkpoints: written in the background; every rank resumes its own random streams ----------
+def rng_state():  # python, numpy, torch cpu and this process's GPU (augmentations, drop-path)
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(s):  # returns None (the caller clears its pending state with it)
-    random.setstate(s["python"]), np.random.set_state(s["numpy"]), torch.set_rng_state(s["torch"])
+    # .cpu(): torch.set_rng_state rejects the ByteTensors of a checkpoint mapped to a GPU
+    random.setstate(s["python"]), np.random.set_state(s["numpy"]), torch.set_rng_state(s["torch"].cpu())
     if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+        torch.cuda.set_rng_state(s["cuda"].cpu())
+
+
+def load_gsc_checkpoint(path):
+    """data.load_checkpoint (on the CPU), refused unless gsc_mim.py wrote it."""
+    ck = data.load_checkpoint(path)
+    if ck.get("script") != "gsc_mim.py":
+        raise data.UserError(f"{path} is a checkpoint of {ck.get('script', 'another script')}, not of "
+                             f"gsc_mim.py: pass a checkpoint.pth written by gsc_mim.py")
+    return ck
+
+
+def check_resume(ck, path, args, digest):
+    """--resume continues the same run: the same model, data and split (the data may have moved)."""
+    saved = ck["args"]
+    for k in ARCH_KEYS:
+        if saved[k] != getattr(args, k):
+            raise data.UserError(f"{path} has --{k.replace('_', '-')} {saved[k]}, this run {getattr(args, k)}: "
+                                 f"resume with the checkpoint's model flags")
+    if not same_data(saved["data"], args.data) or saved["split_seed"] != args.split_seed:
+        raise data.UserError(f"{path} was trained on --data {saved['data']} --split-seed {saved['split_seed']}, "
+                             f"this run has --data {args.data} --split-seed {args.split_seed}: resume on the same "
+                             f"data and split")
+    if ck["split_digest"] != digest:
+        raise data.UserError(f"the files of {args.data} under {args.data_root} differ from the ones {path} was "
+                             f"trained on: pass the --data-root of that run")
+
+
+def restore(run, ck, niter):
+    """Load a checkpoint into the run. Every rank takes its own saved RNG streams; ranks beyond the
+    saved ones keep their fresh seed + rank streams (never a copy of another rank's). Returns (epoch,
+    step in epoch, the rank's RNG state to set, its running epoch sums)."""
+    args = run.args
+    for k in ("student", "teacher", "optimizer", "scaler"):
+        getattr(run, k).load_state_dict(ck[k])
+    run.center_cls.copy_(ck["center_cls"]), run.center_patch.copy_(ck["center_patch"])
+    epoch, step, saved_world = ck["epoch"], ck["step_in_epoch"], len(ck["ranks"])
+    rng = ck["ranks"][args.rank]["rng"] if args.rank < saved_world else None
+    sums = None
+    if saved_world == args.world_size:
+        sums = {k: v.to(args.device) for k, v in ck["ranks"][args.rank]["sums"].items()} if step else None
+    else:  # another sharding: skip the same share of the epoch; its mean covers the resumed part only
+        step = step * saved_world // args.world_size
+        epoch, step = (epoch + 1, 0) if step >= niter else (epoch, step)
+    if args.rank == 0:
+        print(f"resumed from epoch {epoch} step {step}" + ("" if saved_world == args.world_size else
+              f" (saved by {saved_world} processes, now {args.world_size}: not an exact continuation)"), flush=True)
+    return epoch, step, rng, sums
+
+
+def progress(run, global_step):
+    """Training wall clock (evaluations excluded, earlier runs of a resumed one included), images seen."""
+    a = run.args
+    return {"time_s": round(time.time() - run.t0, 3),
+            "images_seen": run.images0 + (global_step - run.step0) * a.batch_size * a.world_size}
 
 
 def save_checkpoint(run, path, epoch, step_in_epoch, global_step, sums):
     """Collective (every rank calls it): the RNG states and running epoch sums of EVERY rank are
-    gathered, so each rank resumes its own random streams; rank 0 writes."""
+    gathered, so each rank resumes its own random streams; rank 0 hands a host snapshot to the
+    background writer, so training waits for the device-to-host copy only."""
     ranks = [{"rng": rng_state(), "sums": {k: v.cpu() for k, v in sums.items()}}]
     if dist.is_available() and dist.is_initialized():
         ranks = ranks * dist.get_world_size()
         dist.all_gather_object(ranks, ranks[0])
     if run.args.rank != 0:
         return
-    ckpt = {"student": run.student.state_dict(), "teacher": run.teacher.state_dict(),
+    ckpt = {"script": "gsc_mim.py", "student": run.student.state_dict(), "teacher": run.teacher.state_dict(),
             "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
-            "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+            "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step, **progress(run, global_step),
             "args": {k: v for k, v in vars(run.args).items() if k != "device"}, "ranks": ranks,
-            "center_cls": run.center_cls, "center_patch": run.center_patch}
-    tmp = str(path) + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)  # never a torn checkpoint
+            "split_digest": run.split_digest, "center_cls": run.center_cls, "center_patch": run.center_patch}
+    run.writer.save(ckpt, path)
+    print(f"checkpoint {path} at epoch {epoch} step {step_in_epoch}: snapshot {run.writer.snapshot_ms:.0f} ms "
+          f"(previous write {run.writer.write_ms:.0f} ms, in the background)", flush=True)
 
 
 def reduce_mean(sums, n):
@@ -619,83 +778,141 @@ def reduce_mean(sums, n):
     return {k: (t[i] / t[-1]).item() for i, k in enumerate(keys)}
 
 
+# ---- The log: OUT/log.jsonl (epoch means, kNN accuracy) and OUT/curves.png -----------------------
+def read_log(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()] if Path(path).exists() else []
+
+
+def append_log(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def trim_log(path, step):
+    """A resume drops the records newer than its checkpoint (trained again, logged again); a fresh run all."""
+    keep = [r for r in read_log(path) if step and r.get("step", 0) <= step]
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+
+def plot_log(log_path, png):
+    records = read_log(log_path)
+    floor = next((r["knn_floor"] for r in records if "knn_floor" in r), None)
+    data.plot_curves([r for r in records if "time_s" in r], png, floor)
+    return records
+
+
+def evaluate_during_training(run, record, log_path):
+    """20-NN accuracy of the current teacher (the final table's protocol) on global rank 0 while the
+    other ranks wait at a barrier; the RNG streams and the models are left as they were, so where
+    evaluations happen never changes training (exact resume). The random-init floor once per run."""
+    args = run.args
+    if args.rank == 0:
+        start, state = time.time(), rng_state()
+        if not any("knn_floor" in r for r in read_log(log_path)):
+            append_log(log_path, {"knn_floor": knn_accuracy(initial_backbone(args), args)})
+        knn = knn_accuracy(run.teacher.backbone, args)
+        append_log(log_path, dict(record, knn=knn))
+        plot_log(log_path, Path(args.out) / "curves.png")
+        set_rng_state(state)
+        print(f"epoch {record['epoch']} 20-NN {knn:.2f}% ({time.time() - start:.1f} s)", flush=True)
+        run.t0 += time.time() - start  # the curves' wall clock is training time
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def log_step(run, losses, epoch, it, niter, global_step, total_steps, t_epoch, start_step):
+    """The log line (a host sync, every --log-every steps); a non-finite loss ends the run."""
+    args = run.args
+    m = reduce_mean(losses, 1)
+    if not math.isfinite(m["loss"]):
+        raise data.UserError(f"loss is {m['loss']} at step {global_step}: lower --lr / --blr, or use --amp bf16")
+    dt = time.time() - t_epoch
+    ips = args.batch_size * args.world_size * (it + 1 - start_step) / max(dt, 1e-9)
+    eta = (total_steps - global_step) * args.batch_size * args.world_size / max(ips, 1e-9)
+    if args.rank == 0:
+        print(f"epoch {epoch} step {it + 1}/{niter} loss {m['loss']:.4f} cls {m['loss_cls']:.4f} "
+              f"mim {m['loss_mim']:.4f} lr {run.lr_schedule[global_step - 1]:.2e} "
+              f"img/s {ips:.1f} eta {eta / 60:.1f} min", flush=True)
+
+
+def end_epoch(run, sums, n_done, epoch, global_step, log_path):
+    """Epoch means into OUT/log.jsonl; the kNN evaluation every --eval-every epochs and after the last."""
+    args = run.args
+    stats = reduce_mean(sums, n_done)
+    stats.update(epoch=epoch, step=global_step, **progress(run, global_step),
+                 lr=float(run.lr_schedule[global_step - 1]), wd=float(run.wd_schedule[global_step - 1]),
+                 teacher_temp=float(run.teacher_temp[min(epoch, len(run.teacher_temp) - 1)]),
+                 momentum=float(run.momentum_schedule[global_step - 1]))
+    if args.rank == 0:
+        append_log(log_path, stats)
+    if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+        evaluate_during_training(run, {"epoch": epoch, "step": global_step, **progress(run, global_step)}, log_path)
+
+
 def train(args):
-    out = Path(args.out)
-    main_proc = args.rank == 0
+    """Pretrain into OUT; returns the run, or None when preempted (checkpointed: exit 0 and resume)."""
+    out, main_proc = Path(args.out), args.rank == 0
+    scenes, digest = dataset_and_digest(args)
+    args.load_size = resolve_load_size(args)
+    ckpt_path, log_path = out / "checkpoint.pth", out / "log.jsonl"
+    resume = str(ckpt_path) if args.resume == "auto" and ckpt_path.exists() else args.resume
+    ck = load_gsc_checkpoint(resume) if resume and resume != "auto" else None
+    if ck:
+        check_resume(ck, resume, args, digest)
     if main_proc:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
         print("args: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())), flush=True)
-    loader = data.build_loader(args.data, args.data_root, "train", size=args.load_size,
-                               batch_size=args.batch_size, shuffle=True, drop_last=True, seed=args.seed,
-                               workers=args.workers, cache=args.cache, synthetic_images=args.synthetic_images,
-                               skip_bad=args.skip_bad)
+        data.save_splits(scenes, out / "splits.json")
+        trim_log(log_path, ck["global_step"] if ck else 0)
+    loader = build_train_loader(args)
     niter = len(loader)
     run = build_run(args, niter)
-    start_epoch, start_step, pending_rng, sums0 = 0, 0, None, None
-    ckpt_path = out / "checkpoint.pth"
-    resume = str(ckpt_path) if args.resume == "auto" and ckpt_path.exists() else args.resume
-    if resume and resume != "auto":
-        ck = torch.load(resume, map_location=args.device, weights_only=False)
-        for k in ("student", "teacher", "optimizer", "scaler"):
-            getattr(run, k).load_state_dict(ck[k])
-        run.center_cls.copy_(ck["center_cls"]), run.center_patch.copy_(ck["center_patch"])
-        start_epoch, start_step = ck["epoch"], ck["step_in_epoch"]
-        if len(ck["ranks"]) == args.world_size:  # else: fresh per-rank streams, not an exact resume
-            pending_rng = ck["ranks"][args.rank]["rng"]
-            sums0 = {k: v.to(args.device) for k, v in ck["ranks"][args.rank]["sums"].items()} if start_step else None
-        if main_proc:
-            print(f"resumed from {resume}: epoch {start_epoch} step {start_step}"
-                  + ("" if pending_rng else f" (saved by {len(ck['ranks'])} ranks: not exact)"), flush=True)
+    run.writer, run.split_digest = data.CheckpointWriter(), digest
+    start_epoch, start_step, pending_rng, sums0 = restore(run, ck, niter) if ck else (0, 0, None, None)
     global_step = start_epoch * niter + start_step
+    run.t0, run.step0, run.images0 = time.time() - (ck["time_s"] if ck else 0), global_step, ck["images_seen"] if ck else 0
     total_steps = args.epochs * niter if args.max_steps is None else min(args.max_steps, args.epochs * niter)
-    t_start = time.time()
+    points = data.SavePoints(args.save_every, args.device)
     for epoch in range(start_epoch, args.epochs):
         if global_step >= total_steps:
             break
         if pending_rng is not None and start_step == 0:  # epoch boundary: restore before the loader draws
             pending_rng = set_rng_state(pending_rng)  # (returns None)
-        loader.sampler.set_epoch(epoch) if hasattr(loader.sampler, "set_epoch") else None
+        loader.sampler.set_epoch(epoch)
         sums = sums0 or {k: torch.zeros((), device=args.device) for k in ("loss", "loss_cls", "loss_mim")}
         n_done = start_step if sums0 else 0
-        sums0, t_log, stopped = None, time.time(), False
-        for it, (images, _) in enumerate(loader):
+        sums0, t_epoch = None, time.time()
+        for it, (images, _, masks) in enumerate(epoch_batches(loader, args, epoch)):
             if it < start_step:  # mid-epoch resume: skip the batches already trained on
                 continue
             if pending_rng is not None:  # mid-epoch: restore after the loader iterator drew its seeds
                 pending_rng = set_rng_state(pending_rng)
-            losses = train_step(run, images, global_step, epoch)
+            losses = train_step(run, images, masks, global_step, epoch)
             for k in sums:
                 sums[k] += losses[k]
             n_done, global_step = n_done + 1, global_step + 1
-            if global_step % args.log_every == 0 or it == niter - 1:
-                m = reduce_mean(losses, 1)
-                dt = time.time() - t_log
-                ips = args.batch_size * args.world_size * ((it + 1 - start_step) if dt else 1) / max(dt, 1e-9)
-                eta = (total_steps - global_step) * args.batch_size * args.world_size / max(ips, 1e-9)
+            end_of_epoch = it == niter - 1
+            if global_step % args.log_every == 0 or end_of_epoch:
+                log_step(run, losses, epoch, it, niter, global_step, total_steps, t_epoch, start_step)
+            if end_of_epoch:
+                end_epoch(run, sums, n_done, epoch, global_step, log_path)
+            save, stop = points.check(global_step)  # every rank, every step: they agree under DDP
+            position = (epoch + 1, 0) if end_of_epoch else (epoch, it + 1)
+            if save or global_step >= total_steps:
+                save_checkpoint(run, ckpt_path, *position, global_step, sums)
+            if stop:
+                run.writer.wait()
                 if main_proc:
-                    print(f"epoch {epoch} step {it + 1}/{niter} loss {m['loss']:.4f} cls {m['loss_cls']:.4f} "
-                          f"mim {m['loss_mim']:.4f} lr {run.lr_schedule[global_step - 1]:.2e} "
-                          f"img/s {ips:.1f} eta {eta / 60:.1f} min", flush=True)
-            if global_step >= total_steps and it < niter - 1:
-                stopped = True
+                    print(f"preempted ({points.signal}): checkpoint {ckpt_path} at epoch {position[0]} step "
+                          f"{position[1]}; resume with the same command plus --resume auto", flush=True)
+                return None
+            if global_step >= total_steps:
                 break
         start_step = 0
-        if stopped:  # --max-steps inside an epoch: checkpoint the exact position
-            save_checkpoint(run, ckpt_path, epoch, it + 1, global_step, sums)
-            break
-        stats = reduce_mean(sums, n_done)
-        stats.update(epoch=epoch, lr=float(run.lr_schedule[global_step - 1]),
-                     wd=float(run.wd_schedule[global_step - 1]), teacher_temp=float(run.teacher_temp[min(epoch, len(run.teacher_temp) - 1)]),
-                     momentum=float(run.momentum_schedule[global_step - 1]), time_s=time.time() - t_start)
-        save_checkpoint(run, ckpt_path, epoch + 1, 0, global_step, sums)
-        if main_proc:
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(stats) + "\n")
+    run.writer.wait()
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-    if main_proc and not args.no_eval:
-        evaluate(run.teacher.backbone, args)
     return run
 
 
@@ -703,14 +920,14 @@ def train(args):
 @torch.no_grad()
 def extract_features(backbone, split, args):
     loader = data.build_loader(args.data, args.data_root, split, size=args.img_size, batch_size=args.batch_size,
-                               shuffle=False, drop_last=False, seed=args.seed, workers=args.workers,
-                               cache=args.cache, synthetic_images=args.synthetic_images,
+                               shuffle=False, drop_last=False, seed=args.seed, split_seed=args.split_seed,
+                               workers=args.workers, cache=loader_cache(args), synthetic_images=args.synthetic_images,
                                skip_bad=args.skip_bad, distributed=False)
     backbone.eval()
     feats, labels = [], []
     for images, y in loader:
         x = data.normalize(images.to(args.device))
-        with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16"):
+        with torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.device.type == "cuda"):
             tok = backbone(x).float()
         f = tok[:, 0] if args.eval_feat == "cls" else torch.cat([tok[:, 0], tok[:, 1:].mean(1)], 1)
         feats.append(f)
@@ -749,6 +966,12 @@ def knn_classifier(x_train, y_train, x_test, y_test, n_classes, k=20, T=0.07):
     return 100.0 * correct / len(x_test)
 
 
+def knn_accuracy(backbone, args):
+    xtr, ytr, c = extract_features(backbone, "train", args)
+    xte, yte, _ = extract_features(backbone, "test", args)
+    return knn_classifier(xtr, ytr, xte, yte, c)
+
+
 def evaluate_backbone(backbone, args):
     xtr, ytr, c = extract_features(backbone, "train", args)
     x1, y1, _ = extract_features(backbone, "train1", args)
@@ -757,12 +980,16 @@ def evaluate_backbone(backbone, args):
             "knn": knn_classifier(xtr, ytr, xte, yte, c)}
 
 
+def initial_backbone(args):
+    """The seed's randomly initialised backbone = the student's initial one (see build_run): the floor."""
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(args.seed)
+        return build_backbone(args).to(args.device)
+
+
 def evaluate(backbone, args):
     """Teacher vs randomly initialised backbone (the floor); prints a table, writes OUT/eval.json."""
-    with torch.random.fork_rng(devices=[]):  # = the student's initial backbone (see build_run)
-        torch.random.default_generator.manual_seed(args.seed)
-        random_net = build_backbone(args).to(args.device)
-    res = {"gsc_mim": evaluate_backbone(backbone, args), "random_init": evaluate_backbone(random_net, args)}
+    res = {"gsc_mim": evaluate_backbone(backbone, args), "random_init": evaluate_backbone(initial_backbone(args), args)}
     print(f"\n{'backbone':<12} {'linear@1%':>10} {'linear@100%':>12} {'knn':>8}   ({args.data}, {args.arch}/{args.patch_size})")
     for name, r in res.items():
         print(f"{name:<12} {r['linear@1%']:>10.2f} {r['linear@100%']:>12.2f} {r['knn']:>8.2f}")
@@ -771,10 +998,17 @@ def evaluate(backbone, args):
     return res
 
 
-def load_teacher_backbone(path, args):
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    for k in ("arch", "patch_size", "img_size", "out_dim"):  # the checkpoint defines the model
-        setattr(args, k, ck["args"][k])
+def report_curves(log_path, out):
+    """After the final table: OUT/curves.png and the time to accuracy, from the run's log.jsonl."""
+    if not Path(log_path).exists():
+        return
+    seconds = data.time_to_accuracy(plot_log(log_path, Path(out) / "curves.png"))
+    if seconds is not None:
+        print(f"time to accuracy: {seconds:.0f} s (kNN within 1 point of its final value)")
+
+
+def teacher_backbone(ck, args):
+    """The teacher encoder of a checkpoint (args already carry its model flags: from_checkpoint)."""
     backbone = build_backbone(args)
     sd = {k[len("backbone."):]: v for k, v in ck["teacher"].items() if k.startswith("backbone.")}
     missing = backbone.load_state_dict(sd, strict=False).missing_keys
@@ -782,28 +1016,41 @@ def load_teacher_backbone(path, args):
     return backbone.to(args.device)
 
 
-def export(args):
+def export(backbone, args):
     """OUT/backbone.pth: the teacher encoder under timm VisionTransformer key names."""
-    backbone = load_teacher_backbone(args.export, args)
     sd = {k: v for k, v in backbone.state_dict().items() if k != "mask_token"}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     torch.save(sd, Path(args.out) / "backbone.pth")
     print(f"wrote {Path(args.out) / 'backbone.pth'} ({len(sd)} tensors)")
 
 
+def evaluate_checkpoint(ck, path, args):
+    """--eval-only: the final table on the checkpoint's data and split (refused if the files under
+    --data-root are not the ones it was trained on), then curves.png from its log.jsonl."""
+    scenes, digest = dataset_and_digest(args)
+    if digest != ck["split_digest"]:
+        raise data.UserError(f"the files of {args.data} under {args.data_root} differ from the ones {path} was "
+                             f"trained on: pass the --data-root of that run")
+    data.save_splits(scenes, Path(args.out) / "splits.json")
+    evaluate(teacher_backbone(ck, args), args)
+    report_curves(Path(path).parent / "log.jsonl", args.out)
+
+
 # ---- Visualisation: input, IPC masks of both views, last-layer [CLS] attention (sec. 3.2.3) -------
 @torch.no_grad()
-def visualize(args, n_images=6):
+def visualize(backbone, args, n_images=6):
+    """OUT/visualize.png: n_images of the test split, their IPC masks and [CLS] attention."""
     from PIL import Image
-    backbone = load_teacher_backbone(args.visualize, args).eval()
-    ds = data.build_dataset(args.data, args.data_root, "test", seed=args.seed, img_size=args.img_size,
+    backbone.eval()
+    ds = data.build_dataset(args.data, args.data_root, "test", seed=args.split_seed, img_size=args.img_size,
                             synthetic_images=args.synthetic_images)
     S, p = args.img_size, args.patch_size  # n_images spread over the (class-sorted) test split:
     images = torch.stack([torch.from_numpy(np.array(ds[int(i)][0].resize((S, S), Image.BILINEAR))).permute(2, 0, 1)
                           for i in np.linspace(0, len(ds) - 1, n_images)]).to(args.device)
     B = len(images)
     g = S // p
-    m1, m2 = ipc_masks(B, g, g, clean_prob=0.0, ratio_range=args.mask_ratio, shape=args.mask_shape)
+    m1, m2 = ipc_masks(B, g, g, clean_prob=0.0, ratio_range=args.mask_ratio, shape=args.mask_shape,
+                       rng=np.random.default_rng(args.seed))
     att = backbone.last_cls_attention(data.normalize(images)).mean(1).reshape(B, 1, g, g)
     att = (att - att.amin((2, 3), keepdim=True)) / (att.amax((2, 3), keepdim=True) - att.amin((2, 3), keepdim=True) + 1e-8)
     att = F.interpolate(att, size=(S, S), mode="nearest")[:, 0]
@@ -832,19 +1079,38 @@ def step_flops(args, n_masked_per_image):
     return 2 * 4 * per_view
 
 
+def bench_data_side(args):
+    """Host ms per step of the data side, outside the model: waiting for a training batch of the real
+    loader (decode or cache read, and the IPC masks in its workers), and the IPC masks alone."""
+    loader = build_train_loader(args)
+    batches = iter(epoch_batches(loader, args, 0))
+    next(batches)  # the workers start
+    n = max(1, min(args.bench, len(loader) - 1))
+    t0 = time.perf_counter()
+    for _ in range(n):
+        next(batches)
+    t1 = time.perf_counter()
+    for i in range(n):
+        ipc_batch(np.random.default_rng(i), args.batch_size, args)
+    return (t1 - t0) / n * 1e3, (time.perf_counter() - t1) / n * 1e3
+
+
 def bench(args):
     setup_distributed(args)
+    args.load_size = resolve_load_size(args)
     run = build_run(args, max(args.bench, 1))
     dev = run.device
+    host_ms = bench_data_side(args)
     images = torch.randint(0, 256, (args.batch_size, 3, args.load_size, args.load_size), dtype=torch.uint8, device=dev)
+    masks = ipc_batch(np.random.default_rng(0), args.batch_size, args)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     for i in range(3):  # warm-up (and compilation)
-        train_step(run, images, 0, 1)
+        train_step(run, images, masks, 0, 1)
     sync()
     torch.cuda.reset_peak_memory_stats() if dev.type == "cuda" else None
     t0 = time.perf_counter()
     for i in range(args.bench):
-        train_step(run, images, i, 1)
+        train_step(run, images, masks, i, 1)
     sync()
     dt = (time.perf_counter() - t0) / args.bench
     ips = args.batch_size * args.world_size / dt
@@ -863,8 +1129,11 @@ def bench(args):
     loss_ms = (time.perf_counter() - t1) / 3 * 1000
     line = (f"bench {args.arch}/{args.patch_size} img {args.img_size} batch {args.batch_size}x{args.world_size} K {args.out_dim} "
             f"amp {args.amp} attn {args.attn} compile {args.compile} on {dev.type}: {ips:.1f} images/s, step {dt * 1000:.1f} ms, "
-            f"softmax/CE of the losses {loss_ms:.1f} ms ({100 * loss_ms / (dt * 1000):.1f}% of the step)")
+            f"softmax/CE of the losses {loss_ms:.1f} ms ({100 * loss_ms / (dt * 1000):.1f}% of the step); host data "
+            f"side per step: loader {host_ms[0]:.1f} ms ({args.workers} workers build the IPC masks), "
+            f"IPC masks alone {host_ms[1]:.1f} ms")
     if dev.type == "cuda":
+        line += ", TF32 matmul/cudnn on, cudnn.benchmark on"
         name = torch.cuda.get_device_name()
         peak = next((v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12}.items() if k in name), None)
         flops = step_flops(args, N * (1 - args.clean_prob)) * args.batch_size / dt
@@ -875,25 +1144,39 @@ def bench(args):
 
 
 def main(argv=None):
-    args = resolve_defaults(get_args_parser().parse_args(argv))
+    args = get_args_parser().parse_args(argv)
+    modes = [m for m in ("eval_only", "export", "visualize") if getattr(args, m)]
+    if len(modes) > 1:
+        raise data.UserError("use one of --eval-only, --export, --visualize at a time")
+    path = getattr(args, modes[0]) if modes else None
+    if path and int(os.environ.get("RANK", 0)) != 0:  # launched by torchrun: rank 0 alone writes
+        return
+    ck = load_gsc_checkpoint(path) if path else None
+    args = resolve_defaults(args, ck and ck["args"], path)
     if args.bench:
         bench(args)
-    elif args.export or args.eval_only or args.visualize:
-        if int(os.environ.get("RANK", 0)) != 0:  # launched by torchrun: rank 0 alone writes
-            return
+    elif ck:  # output beside the checkpoint unless --out (from_checkpoint)
         args.rank, args.world_size = 0, 1
         args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        export(args) if args.export else visualize(args) if args.visualize else \
-            evaluate(load_teacher_backbone(args.eval_only, args), args)
+        if args.eval_only:
+            evaluate_checkpoint(ck, path, args)
+        else:
+            backbone = teacher_backbone(ck, args)
+            export(backbone, args) if args.export else visualize(backbone, args)
     else:
         setup_distributed(args)
         t0 = time.time()
-        train(args)
-        if args.rank == 0:
+        run = train(args)
+        if run is not None and args.rank == 0:
             print(f"total wall time {time.time() - t0:.1f} s", flush=True)
+            if not args.no_eval:
+                evaluate(run.teacher.backbone, args)
+                report_curves(Path(args.out) / "log.jsonl", args.out)
+            if args.demo:  # the demo ends with its picture: inputs, IPC masks, [CLS] attention
+                visualize(run.teacher.backbone, args)
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    data.run_main(main)

@@ -1,14 +1,24 @@
 """Tests of gsc_mim.py (CPU, tiny): IPC-Masking, losses against hand-written formulas, centring,
-EMA, schedules, overfitting, exact resume, 2-process torchrun, export names, --eval-only."""
+EMA, schedules, overfitting, exact resume (signal, --max-steps), kNN during training, 2-process and
+two-node torchrun, the checkpoint modes (--export, --visualize, --eval-only), user errors."""
 import importlib.util
 import json
 import math
+import os
+import signal
+import socket
+import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
+import data
 
 REPO = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("gsc_mim", REPO / "gsc_mim.py")
@@ -20,7 +30,8 @@ gsc.ARCHS.setdefault("vit_micro", (32, 2, 2))  # a 2-block ViT for the in-proces
 # Script runs: ViT-Tiny at 32 px (2x2 patches of 16), small head, 40 synthetic images (30 train).
 TINY = ["--data", "synthetic", "--synthetic-images", "40", "--arch", "vit_tiny", "--img-size", "32",
         "--patch-size", "16", "--batch-size", "8", "--out-dim", "64", "--head-hidden", "64",
-        "--workers", "0", "--warmup-epochs", "1", "--warmup-teacher-temp-epochs", "2", "--log-every", "1"]
+        "--workers", "0", "--warmup-epochs", "1", "--warmup-teacher-temp-epochs", "2", "--log-every", "1",
+        "--cache", "none"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -42,8 +53,8 @@ def micro_args(**kw):
 
 # ---------------------------------------------------------------- IPC-Masking ---------------------
 @pytest.mark.parametrize("shape", ["block", "rand"])
-def test_ipc_masks_are_complementary(shape):
-    rng = np.random.RandomState(0)
+@pytest.mark.parametrize("rng", [np.random.RandomState(0), np.random.default_rng(0)], ids=["RandomState", "Generator"])
+def test_ipc_masks_are_complementary(shape, rng):
     m1, m2 = gsc.ipc_masks(400, 14, 14, clean_prob=0.5, ratio_range=(0.1, 0.5), shape=shape, rng=rng)
     clean = ~m1.any(1) & ~m2.any(1)
     assert 0.4 < clean.mean() < 0.6  # "ratio 0 with probability 0.5"
@@ -201,7 +212,9 @@ def test_mask_embedding_replaces_patches_and_clean_prob_one():
     assert torch.allclose(tok[0, 1 + 4], vit.prepare_tokens(x)[0, 1 + 4])  # visible: untouched
     gsc.setup_distributed(args)
     run = gsc.build_run(args, 4)
-    out = gsc.train_step(run, torch.randint(0, 256, (4, 3, 36, 36), dtype=torch.uint8), 0, 0)
+    masks = gsc.ipc_batch(np.random.default_rng(0), 4, args)
+    assert not masks[0].any() and len(masks[1]) == 0  # clean_prob 1: no masked position, no patch token
+    out = gsc.train_step(run, torch.randint(0, 256, (4, 3, 36, 36), dtype=torch.uint8), masks, 0, 0)
     assert out["loss_mim"].item() == 0.0 and out["loss"].item() == out["loss_cls"].item()  # plain iBOT-style
 
 
@@ -212,7 +225,8 @@ def test_autocast_step_on_cpu(amp):
     args = micro_args(amp=amp, batch_size=4, epochs=1, local_crops=1, local_crop_size=16)
     gsc.setup_distributed(args)
     run = gsc.build_run(args, 4)
-    out = gsc.train_step(run, torch.randint(0, 256, (4, 3, 36, 36), dtype=torch.uint8), 0, 1)
+    masks = gsc.ipc_batch(np.random.default_rng(0), 4, args)
+    out = gsc.train_step(run, torch.randint(0, 256, (4, 3, 36, 36), dtype=torch.uint8), masks, 0, 1)
     assert all(math.isfinite(v.item()) for v in out.values())
     assert run.scaler.is_enabled() == (amp == "fp16")
 
@@ -223,78 +237,218 @@ def test_loss_falls_when_overfitting_one_batch():
     gsc.setup_distributed(args)
     run = gsc.build_run(args, 40)
     images = torch.randint(0, 256, (8, 3, 36, 36), dtype=torch.uint8)
-    losses = [gsc.train_step(run, images, i, 0)["loss"].item() for i in range(30)]
+    losses = [gsc.train_step(run, images, gsc.ipc_batch(np.random.default_rng(i), 8, args), i, 0)["loss"].item()
+              for i in range(30)]
     assert all(math.isfinite(x) for x in losses)
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.1, losses
 
 
 # ---------------------------------------------------------------- script runs ---------------------
+@pytest.fixture(autouse=True)
+def restore_signal_handlers():
+    """Training installs SavePoints' SIGTERM/SIGUSR1 handlers in this process: put pytest's back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
 def read_log(out):
     return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
 
 
-def test_exact_resume(tmp_path):
-    """The shared tiny recipe, run in-process (same code path as the command line, no start-up cost)."""
+def step_lines(text):
+    """The per-step log lines up to the loss terms (the lr, speed and eta after them vary)."""
+    return [line.split(" lr ")[0] for line in text.splitlines() if line.startswith("epoch ") and " loss " in line]
+
+
+def test_exact_resume_after_a_signal_and_max_steps_with_knn(tmp_path, capsys, monkeypatch):
+    """An uninterrupted run vs the same run stopped by SIGUSR1 mid-epoch 0 and by --max-steps
+    mid-epoch 1, resumed each time with --resume auto: the same per-step losses and the same log -
+    kNN entries at the requested epochs, none twice - so neither the save points nor the
+    evaluations touch the random streams."""
     a, b = tmp_path / "a", tmp_path / "b"
-    gsc.main([*TINY, "--epochs", "2", "--out", str(a), "--no-eval"])
-    # 30 train images / 8 = 3 steps per epoch: stop after step 2 of epoch 2, resume in the same folder
-    gsc.main([*TINY, "--epochs", "2", "--out", str(b), "--no-eval", "--max-steps", "5"])
-    assert len(read_log(b)) == 1
-    gsc.main([*TINY, "--epochs", "2", "--out", str(b), "--no-eval", "--resume", "auto"])
-    la, lb = read_log(a), read_log(b)
-    assert len(la) == len(lb) == 2
-    for key in ("loss", "loss_cls", "loss_mim"):
-        assert la[0][key] == lb[0][key] and la[1][key] == lb[1][key], (key, la, lb)
+    flags = [*TINY, "--epochs", "3", "--eval-every", "2", "--no-eval"]  # 30 train images / 8: 3 steps an epoch
+    gsc.main([*flags, "--out", str(a)])
+    uninterrupted = step_lines(capsys.readouterr().out)
+    train_step = gsc.train_step
+
+    def signalled(run, images, masks, step, epoch):  # the signal arrives during the second step
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return train_step(run, images, masks, step, epoch)
+    monkeypatch.setattr(gsc, "train_step", signalled)
+    gsc.main([*flags, "--out", str(b)])
+    monkeypatch.setattr(gsc, "train_step", train_step)
+    first = capsys.readouterr().out
+    assert "preempted (SIGUSR1): checkpoint" in first and "at epoch 0 step 2; resume with" in first
+    gsc.main([*flags, "--out", str(b), "--resume", "auto", "--max-steps", "5"])
+    second = capsys.readouterr().out
+    gsc.main([*flags, "--out", str(b), "--resume", "auto"])
+    third = capsys.readouterr().out
+    assert "resumed from epoch 0 step 2" in second and "resumed from epoch 1 step 2" in third
+    assert step_lines(first + second + third) == uninterrupted and len(uninterrupted) == 9
+    untimed = [[{k: v for k, v in r.items() if k != "time_s"} for r in read_log(out)] for out in (a, b)]
+    assert untimed[0] == untimed[1]
+    assert [r["epoch"] for r in untimed[1] if "knn" in r] == [1, 2]  # every 2nd epoch and the last
+    assert sum("knn_floor" in r for r in untimed[1]) == 1 and [r["epoch"] for r in untimed[1] if "loss" in r] == [0, 1, 2]
+    assert Image.open(b / "curves.png").format == "PNG"
+
+
+def test_resume_never_hands_a_device_rng_state_to_set_rng_state(tmp_path, monkeypatch):
+    """--resume on CUDA crashed in torch.set_rng_state: torch.load(map_location=<the GPU>) had moved
+    the saved RNG ByteTensors there. Stand-in without a GPU: a load with any map_location but "cpu"
+    puts them on the meta device; the resume must still set CPU states only."""
+    flags = [*TINY, "--epochs", "1", "--eval-every", "0", "--no-eval", "--out", str(tmp_path)]
+    gsc.main([*flags, "--max-steps", "2"])
+    load, set_rng_state, seen = torch.load, torch.set_rng_state, []
+
+    def mapped_load(f, map_location=None, **kw):
+        ckpt = load(f, map_location="cpu", **kw)
+        if map_location != "cpu":
+            for r in ckpt["ranks"]:
+                r["rng"]["torch"] = r["rng"]["torch"].to("meta")
+        return ckpt
+
+    def checked_set_rng_state(state):
+        seen.append(state.device.type)
+        set_rng_state(state)
+    monkeypatch.setattr(torch, "load", mapped_load)
+    monkeypatch.setattr(torch, "set_rng_state", checked_set_rng_state)
+    gsc.main([*flags, "--resume", "auto"])
+    assert seen and set(seen) == {"cpu"}
+    for other, match in ((["--split-seed", "1"], "same data and split"), (["--arch", "vit_small"], "--arch vit_tiny")):
+        with pytest.raises(data.UserError, match=match):  # another split or model is not a resume
+            gsc.main([*flags, "--resume", "auto", *other])
 
 
 def test_torchrun_two_processes_exact_resume(run_torchrun, tmp_path):
-    """2-process gloo run, and the resume recipe under DDP: every rank must get back its own RNG
-    streams and loss sums (the checkpoint is written by rank 0 alone)."""
+    """2-process gloo run with the kNN evaluation on rank 0 (the other rank waits: no deadlock), and
+    the resume recipe under DDP: every rank must get back its own RNG streams and loss sums."""
     a, b = tmp_path / "a", tmp_path / "b"
-    ddp = [*TINY, "--batch-size", "4", "--epochs", "2", "--no-eval"]
+    ddp = [*TINY, "--batch-size", "4", "--epochs", "2", "--no-eval", "--eval-every", "1"]
     proc = run_torchrun(2, "gsc_mim.py", *ddp, "--out", a)
     assert proc.stdout.count("epoch 0 step 3/3") == 1  # rank 0 alone prints; 30 images / 2 ranks / 4
+    assert "Grad strides do not match bucket view strides" not in proc.stderr
     run_torchrun(2, "gsc_mim.py", *ddp, "--out", b, "--max-steps", "4")  # stops after step 1 of epoch 2
     run_torchrun(2, "gsc_mim.py", *ddp, "--out", b, "--resume", "auto")
     la, lb = read_log(a), read_log(b)
+    assert [r["epoch"] for r in la if "knn" in r] == [r["epoch"] for r in lb if "knn" in r] == [0, 1]
+    la, lb = [r for r in la if "loss" in r], [r for r in lb if "loss" in r]
     assert len(la) == len(lb) == 2 and math.isfinite(la[1]["loss"])
     for key in ("loss", "loss_cls", "loss_mim"):
         assert la[1][key] == pytest.approx(lb[1][key], rel=1e-6, abs=1e-7), (key, la, lb)
 
 
-def test_export_eval_only_visualize(tmp_path, capsys, monkeypatch):
-    args = micro_args(out=tmp_path)
-    student, teacher = gsc.build_student_teacher(args)
-    ckpt = tmp_path / "checkpoint.pth"
-    torch.save({"student": student.state_dict(), "teacher": teacher.state_dict(),
-                "args": {k: v for k, v in vars(args).items()}}, ckpt)
+def test_two_nodes_train_identically_and_resume(tmp_path):
+    """Two torchrun "nodes" of one process each on this host (c10d rendezvous, gloo; both LOCAL_RANK
+    0): identical parameters on both ranks after two steps, one checkpoint, and --resume auto on
+    the same two nodes continues from it."""
+    flags = [*TINY, "--batch-size", "4", "--epochs", "2", "--no-eval", "--eval-every", "0", "--out", str(tmp_path)]
+
+    def two_nodes(*extra):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", uuid.uuid4().hex,
+               str(REPO / "tests" / "gsc_ddp_probe.py"), *flags, *extra]
+        env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+        nodes = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+        outs = [node.communicate(timeout=240) for node in nodes]
+        assert all(node.returncode == 0 for node in nodes), outs
+        text = "".join(out for out, _ in outs)
+        sums = {line.split()[1]: line.split()[-1] for line in text.splitlines() if " checksum " in line}
+        assert set(sums) == {"0", "1"} and sums["0"] == sums["1"], text
+        return text, sums["0"]
+
+    start = time.time()
+    first, after_two = two_nodes("--max-steps", "2")
+    assert (tmp_path / "checkpoint.pth").is_file() and "at epoch 0 step 2" in first
+    second, after_four = two_nodes("--max-steps", "4", "--resume", "auto")
+    assert "resumed from epoch 0 step 2" in second and "epoch 1 step 1/3" in second and after_four != after_two
+    print(f"two-node test: {time.time() - start:.1f} s")
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The demo (no --data), shrunk by explicit flags, with --seed 3 into a folder that is not the
+    default OUT; returns (OUT, its eval.json, its splits.json)."""
+    out = tmp_path_factory.mktemp("demo") / "my_run"
+    gsc.main([*TINY[2:], "--epochs", "2", "--seed", "3", "--eval-every", "1", "--out", str(out)])
+    return out, json.loads((out / "eval.json").read_text()), (out / "splits.json").read_text()
+
+
+def test_demo_ends_with_its_picture(demo_run):
+    assert Image.open(demo_run[0] / "visualize.png").size == (4 * 32, 6 * 32)  # 4 columns, 6 images
+
+
+def test_export_beside_the_checkpoint_with_timm_names(demo_run, tmp_path, monkeypatch):
+    ckpt = demo_run[0] / "checkpoint.pth"
+    monkeypatch.chdir(tmp_path)  # where the default OUT (runs/...) would appear
     with monkeypatch.context() as m:  # under torchrun, ranks other than 0 write nothing
         m.setenv("RANK", "1")
-        gsc.main(["--export", str(ckpt), "--out", str(tmp_path)])
-    assert not (tmp_path / "backbone.pth").exists()
-    gsc.main(["--export", str(ckpt), "--out", str(tmp_path)])
-    sd = torch.load(tmp_path / "backbone.pth")
-    expected = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"]
-    for i in range(2):
+        gsc.main(["--export", str(ckpt), "--out", str(tmp_path / "other")])
+    assert not (tmp_path / "other").exists()
+    gsc.main(["--export", str(ckpt)])
+    assert not (tmp_path / "runs").exists()
+    sd = torch.load(demo_run[0] / "backbone.pth")
+    expected = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias"]
+    for i in range(12):  # vit_tiny
         expected += [f"blocks.{i}.{n}" for n in (
             "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
             "attn.proj.bias", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
             "mlp.fc2.weight", "mlp.fc2.bias")]
-    expected += ["norm.weight", "norm.bias"]
     assert sorted(sd) == sorted(expected)
-    assert torch.equal(sd["blocks.1.attn.qkv.weight"], teacher.backbone.blocks[1].attn.qkv.weight)
+    teacher = torch.load(ckpt, weights_only=False)["teacher"]
+    assert torch.equal(sd["blocks.1.attn.qkv.weight"], teacher["backbone.blocks.1.attn.qkv.weight"])
+
+
+def test_visualize_beside_the_checkpoint(demo_run, tmp_path, monkeypatch):
+    (demo_run[0] / "visualize.png").unlink()
+    monkeypatch.chdir(tmp_path)
+    gsc.main(["--visualize", str(demo_run[0] / "checkpoint.pth")])
+    assert Image.open(demo_run[0] / "visualize.png").size == (4 * 32, 6 * 32) and not (tmp_path / "runs").exists()
+
+
+def test_eval_only_beside_the_checkpoint_on_its_split(demo_run, tmp_path, monkeypatch, capsys):
+    """--eval-only with another --seed: the run's split (its --split-seed, not --seed) and the same
+    numbers as the run's own final evaluation; curves.png from its log.jsonl."""
+    out, evaluated, splits = demo_run
+    for name in ("eval.json", "splits.json", "curves.png"):
+        (out / name).unlink()
+    monkeypatch.chdir(tmp_path)
     capsys.readouterr()
-    gsc.main(["--eval-only", str(ckpt), "--data", "synthetic", "--synthetic-images", "40", "--batch-size", "16",
-              "--workers", "0", "--out", str(tmp_path)])
-    out = capsys.readouterr().out
-    for word in ("linear@1%", "linear@100%", "knn", "random_init"):
-        assert word in out
-    gsc.main(["--visualize", str(ckpt), "--data", "synthetic", "--synthetic-images", "40", "--out", str(tmp_path)])
-    from PIL import Image
-    assert Image.open(tmp_path / "visualize.png").size == (4 * 32, 6 * 32)  # 4 columns, 6 images
-    res = json.loads((tmp_path / "eval.json").read_text())
-    assert set(res) == {"gsc_mim", "random_init"}
-    assert all(0 <= v <= 100 for r in res.values() for v in r.values())
+    gsc.main(["--eval-only", str(out / "checkpoint.pth"), "--seed", "5"])
+    assert (out / "splits.json").read_text() == splits and not (tmp_path / "runs").exists()
+    res = json.loads((out / "eval.json").read_text())
+    assert res == evaluated and all(0 <= v <= 100 for r in res.values() for v in r.values())
+    assert Image.open(out / "curves.png").format == "PNG"
+    printed = capsys.readouterr().out
+    for word in ("linear@1%", "linear@100%", "knn", "random_init", "time to accuracy:"):
+        assert word in printed
+
+
+@pytest.mark.parametrize("flags", [["--split-seed", "7"], ["--data", "UCM"], ["--synthetic-images", "60"]])
+def test_checkpoint_modes_refuse_another_dataset_or_split(demo_run, flags):
+    with pytest.raises(data.UserError, match=f"{flags[0]} {flags[1]} differs from the checkpoint's"):
+        gsc.main(["--eval-only", str(demo_run[0] / "checkpoint.pth"), *flags])
+
+
+@pytest.mark.parametrize("case", ["missing data root", "unknown dataset", "foreign checkpoint", "non-finite loss"])
+def test_user_errors_are_one_line_and_exit_2(case, tmp_path):
+    foreign = tmp_path / "other.pth"
+    torch.save({"args": {"arch": "vit_base"}, "model": {}}, foreign)
+    argv = {"missing data root": ["--data", "UCM", "--data-root", str(tmp_path / "nowhere")],
+            "unknown dataset": ["--data", "NoSuchSet"],
+            "foreign checkpoint": ["--eval-only", str(foreign)],
+            "non-finite loss": [*TINY, "--lr", "1e30", "--epochs", "1", "--eval-every", "0", "--out", str(tmp_path)]}
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, str(REPO / "gsc_mim.py"), *argv[case]], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
 
 
 def test_vit_through_the_triton_kernel_matches_sdpa(triton_attention, assert_models_agree):
