@@ -4,7 +4,8 @@ Paper: Wang et al., "Scaling Efficient Masked Image Modeling on Large Remote Sen
 (arXiv 2406.11933), official code github.com/Fengxiang23/SelectiveMAE. An MAE whose encoder sees
 only K = floor(N(1-m)) selected patches (m = 0.85: 29 of 196) chosen by HOG seeds plus progressive
 semantic token selection (PSTS), and whose decoder reconstructs only R = floor(N r) of the masked
-patches (r = 0.25: 49 of 196), the R with the highest HOG energy.
+patches (r = 0.25: 49 of 196), the R with the highest HOG energy. Like the official training,
+InfoBatch prunes well-learned samples in the first 87.5% of the epochs (--infobatch, on with --data).
 
 Difference from the official code (on purpose): the official "HOG score" is the mean of a
 standardised vector, identically 0, so its semantic choices are uniform random. Here the score is
@@ -64,9 +65,6 @@ def get_args_parser():
     g.add_argument("--patch-size", type=int, default=None, help="patch size p (16; demo 8)")
     g.add_argument("--decoder", default="cross", choices=["cross", "self"],
                    help="cross: CrossMAE cross-attention decoder (official); self: MAE self-attention decoder")
-    g.add_argument("--decoder-kv", default="encoder", choices=["encoder", "embed"],
-                   help="cross decoder keys/values: encoder = each block projects the encoder output from the "
-                   "encoder width (official, CrossMAE); embed = through one shared Linear(encoder, decoder width) first")
     g.add_argument("--decoder-depth", type=int, default=None, help="decoder blocks (8; demo 4)")
     g.add_argument("--decoder-width", type=int, default=None, help="decoder width (512; 256 for vit_tiny/small)")
     g.add_argument("--decoder-heads", type=int, default=None, help="decoder heads (16; 8 for vit_tiny/small)")
@@ -121,7 +119,7 @@ def get_args_parser():
     return p
 
 
-MODEL_KEYS = ("arch", "depth", "patch_size", "img_size", "decoder", "decoder_kv", "decoder_depth", "decoder_width",
+MODEL_KEYS = ("arch", "depth", "patch_size", "img_size", "decoder", "decoder_depth", "decoder_width",
               "decoder_heads", "mask_ratio", "recon_ratio", "seed_select", "psts_rounds", "target_select",
               "adaptive_budget", "budget_quantile", "budget_max", "norm_pix_loss", "epochs")
 
@@ -326,15 +324,15 @@ class SelectiveMAE(nn.Module):
         self.uses_scores = args.adaptive_budget or args.seed_select != "random" or args.target_select != "random"
         self.encoder = VisionTransformer(args.img_size, self.patch, dim, depth, heads, args.attn)
         dd = args.decoder_width
-        direct_kv = args.decoder == "cross" and args.decoder_kv == "encoder"
-        self.decoder_embed = nn.Identity() if direct_kv else nn.Linear(dim, dd)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
-        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(dd, self.grid), requires_grad=False)
-        if args.decoder == "cross":
-            blocks = [CrossBlock(dd, args.decoder_heads, args.attn, dim if direct_kv else dd) for _ in range(args.decoder_depth)]
-        else:
+        if args.decoder == "cross":   # official/CrossMAE: each block's keys/values from the encoder width
+            self.decoder_embed = nn.Identity()
+            blocks = [CrossBlock(dd, args.decoder_heads, args.attn, dim) for _ in range(args.decoder_depth)]
+        else:                         # MAE: one Linear(encoder, decoder width), then self-attention
+            self.decoder_embed = nn.Linear(dim, dd)
             blocks = [Block(dd, args.decoder_heads, args.attn) for _ in range(args.decoder_depth)]
         self.decoder_blocks = nn.ModuleList(blocks)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
+        self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(dd, self.grid), requires_grad=False)
         self.decoder_norm = nn.LayerNorm(dd, eps=1e-6)
         self.decoder_pred = nn.Linear(dd, self.patch ** 2 * 3)
         self.apply(self._init_weights)
@@ -366,7 +364,7 @@ class SelectiveMAE(nn.Module):
 
     def decode(self, latent, vis_idx, tgt_idx, key_mask):
         B, R = tgt_idx.shape
-        memory = self.decoder_embed(latent)                                  # [B, 1+K, D or dd]
+        memory = self.decoder_embed(latent)                       # [B, 1+K, D] (cross) or [B, 1+K, dd] (self)
         pos = self.decoder_pos_embed.expand(B, -1, -1)
         x = self.mask_token + gather_tokens(pos[:, 1:], tgt_idx)             # queries at the targets
         if self.decoder_kind == "cross":
@@ -891,10 +889,8 @@ def flops_per_image(model, args):
     T = 1 + (model.n_pad if model.adaptive else model.n_keep)
     embed = 2 * N * D * 3 * args.patch_size ** 2
     enc = embed + depth * (24 * T * D * D + 4 * T * T * D)
-    if args.decoder == "cross":
-        kv = 4 * T * D * d if args.decoder_kv == "encoder" else 4 * T * d * d   # per block, from D or d wide
-        dec = (0 if args.decoder_kv == "encoder" else 2 * T * D * d) + L * (
-            2 * R * d * d + kv + 4 * R * T * d + 2 * R * d * d + 16 * R * d * d)
+    if args.decoder == "cross":   # keys/values projected from the encoder width D in every block
+        dec = L * (2 * R * d * d + 4 * T * D * d + 4 * R * T * d + 2 * R * d * d + 16 * R * d * d)
     else:
         S = T + R
         dec = 2 * T * D * d + L * (24 * S * d * d + 4 * S * S * d)
@@ -931,8 +927,7 @@ def bench(args, device):
     dt = (time.perf_counter() - t0) / args.bench
     ips = args.batch_size / dt
     line = (f"bench {args.arch}/{args.patch_size} {args.img_size}px bs {args.batch_size} K={model.n_keep} "
-            f"R={model.n_targets} decoder={args.decoder}{'/' + args.decoder_kv if args.decoder == 'cross' else ''} "
-            f"seeds={args.seed_select} targets={args.target_select}"
+            f"R={model.n_targets} decoder={args.decoder} seeds={args.seed_select} targets={args.target_select}"
             f"{' adaptive' if args.adaptive_budget else ''} amp={args.amp} attn={args.attn} compile={args.compile}: "
             f"{ips:.1f} images/s, {dt * 1e3:.1f} ms/step")
     if device.type == "cuda":
