@@ -10,6 +10,7 @@ schedules -> training -> evaluation -> visualisation -> benchmark -> main.
     python gsc_mim.py --data UCM --data-root ../shared/data --arch vit_small --epochs 300
     torchrun --standalone --nproc_per_node=8 gsc_mim.py --data AID --data-root /datasets
     python gsc_mim.py --data UCM --data-root ../shared/data --clean-prob 1   # plain iBOT ablation
+    python gsc_mim.py --data UCM --data-root ../shared/data --ipc-views cross  # m, 1-m on different crops
     python gsc_mim.py --data UCM --data-root ../shared/data --resume auto    # continue OUT/checkpoint.pth
     python gsc_mim.py --eval-only runs/gsc_mim_UCM/checkpoint.pth   # data, split, model from the checkpoint
     python gsc_mim.py --export runs/gsc_mim_UCM/checkpoint.pth      # -> runs/gsc_mim_UCM/backbone.pth (timm)
@@ -79,6 +80,9 @@ def get_args_parser():
                    "are unmasked (paper: ratio 0 with p 0.5). 1 = plain iBOT-style run, no IPC (ablation)")
     g.add_argument("--mask-ratio", type=float, nargs=2, default=(0.1, 0.5),
                    help="range of the ratio r of m (s1 masks r, s2 masks 1-r)")
+    g.add_argument("--ipc-views", default="same", choices=["same", "cross"],
+                   help="same: s1, s2 are one augmented crop (drawn per image) under m and 1-m (paper sec. 1, "
+                   "2.2); cross: s1 = t1 under m, s2 = t2 under 1-m (ablation: no patch is preserved)")
     g = p.add_argument_group("losses and temperatures (paper sec. 2.1-2.3)")
     g.add_argument("--student-temp", type=float, default=0.1, help="temperature of the student softmax")
     g.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="teacher temperature at epoch 0")
@@ -439,6 +443,26 @@ def ipc_masks(batch, grid_h, grid_w, clean_prob=0.5, ratio_range=(0.1, 0.5), sha
     return m1, m2
 
 
+def student_view_rows(m1, m2, ipc_views, rng=np.random):
+    """Which global crop each student row [s1; s2] is made from, and its [CLS] partner, as rows of
+    the teacher's batch [t1; t2] (numpy int64 [2B] each).
+    same (sec. 1: "two complementary masked views for the same image", sec. 2.2: "complementary
+    masking to the same image"): per masked pair one crop v, drawn at random so that t1 and t2 play
+    each role equally often, is the input of both students, under m and 1 - m: together they
+    reconstruct every patch of that crop. Clean pairs (nothing to complement) keep s1 <- t1,
+    s2 <- t2, so the students never run twice on the same unmasked input.
+    cross (ablation): s1 <- t1, s2 <- t2 always. The [CLS] partner of a student row is the teacher's
+    other crop (GSD is cross-view, eq. 4)."""
+    B = len(m1)
+    view = np.repeat([0, 1], B)  # cross layout
+    if ipc_views == "same":
+        masked = (m1 | m2).any(1)
+        v = (rng.random(B) < 0.5).astype(np.int64)
+        view = np.where(np.tile(masked, 2), np.tile(v, 2), view)
+    b = np.tile(np.arange(B), 2)
+    return view * B + b, (1 - view) * B + b
+
+
 def masked_token_index(masks):
     """Flat indices (into [V*B*N]) of the masked positions, and each one's weight 1/#masked of its
     view-image: the only patch tokens the loss needs, so the 8192-way head runs on them alone."""
@@ -456,26 +480,26 @@ def soft_cross_entropy(teacher_logits, student_logits, centre, teacher_temp, stu
 
 def patch_mim_loss(student_patch, teacher_patch, token_weight, batch, centre, teacher_temp, student_temp):
     """Complementary MIM loss (sec. 2.1, eq. 2, symmetrised): for each masked position i of student
-    view s_v, H(softmax((t_v,i - c_p)/tau_t), s_v,i); summed over the masked positions, divided by
-    max(1, #masked) per image (token_weight), mean over the batch, averaged over the 2 views.
-    Rows are the gathered masked positions of both views ([M, K])."""
+    view s_v, H(softmax((t_i - c_p)/tau_t), s_v,i) with t the teacher's output for the unmasked crop
+    s_v was made from (student_view_rows); summed over the masked positions, divided by max(1,
+    #masked) per image (token_weight), mean over the batch, averaged over the 2 views.
+    Rows are the gathered masked positions of both views ([M, K]), student and teacher aligned."""
     ce = soft_cross_entropy(teacher_patch, student_patch, centre, teacher_temp, student_temp)
     return (ce * token_weight).sum() / (2 * batch)
 
 
-def cls_distillation_loss(student_cls, teacher_cls, centre, teacher_temp, student_temp):
-    """Global semantic distillation (sec. 2.2, eq. 4): cross-view [CLS] cross-entropy, teacher t1
-    vs student s2 and t2 vs s1 (plus every local crop vs both), averaged over the pairs.
+def cls_distillation_loss(student_cls, teacher_cls, partner, centre, teacher_temp, student_temp):
+    """Global semantic distillation (sec. 2.2, eq. 4): cross-view [CLS] cross-entropy, each global
+    student row against the teacher row partner[row] (the other augmented crop), every local crop
+    against both t1 and t2; mean over all rows = mean over the (2 + 2L) view pairs of B rows each.
     student_cls [(2 + L) * B, K] ordered s1, s2, locals; teacher_cls [2B, K] ordered t1, t2."""
-    s_views, t_views = student_cls.chunk(len(student_cls) // (len(teacher_cls) // 2)), teacher_cls.chunk(2)
-    total, pairs = 0.0, 0
-    for iq, t in enumerate(t_views):
-        for v, s in enumerate(s_views):
-            if v == iq:  # the same view: skip (cross-view only)
-                continue
-            total = total + soft_cross_entropy(t, s, centre, teacher_temp, student_temp).mean()
-            pairs += 1
-    return total / pairs
+    n = len(teacher_cls)
+    ce = [soft_cross_entropy(teacher_cls.index_select(0, partner), student_cls[:n], centre, teacher_temp, student_temp)]
+    local = student_cls[n:].reshape(-1, n // 2, student_cls.shape[-1])  # [L, B, K]
+    if len(local):
+        t = teacher_cls.reshape(2, 1, n // 2, -1).expand(2, len(local), -1, -1)
+        ce.append(soft_cross_entropy(t, local.expand(2, -1, -1, -1), centre, teacher_temp, student_temp).flatten())
+    return torch.cat(ce).mean()
 
 
 @torch.no_grad()
@@ -485,8 +509,9 @@ def update_centers(center_cls, center_patch, teacher_cls, teacher_patch, momentu
     Patches: iBOT averages the teacher head over ALL patch tokens of t1, t2; here the head runs only
     on the positions the loss uses (all of them: ~6% more FLOPs for ViT-S/16 and a [2BN, K] tensor).
     The mean is unbiased all the same: in a masked pair these positions cover every grid cell exactly
-    once (t1 at m, t2 at 1 - m), the random role swap weighs t1, t2 equally in expectation, and clean
-    pairs are a random subset. A step with no masked position keeps the old patch centre."""
+    once (same: all of crop v at m and 1 - m; cross: t1 at m, t2 at 1 - m), the random draw of v (and
+    of the s1/s2 roles) weighs t1, t2 equally in expectation, and clean pairs are a random subset.
+    A step with no masked position keeps the old patch centre."""
     count = lambda n: teacher_cls.new_full((1,), n, dtype=torch.float32)  # noqa: E731 (a fill, no H2D copy)
     stats = torch.cat([teacher_cls.float().sum(0), teacher_patch.float().sum(0), count(len(teacher_cls)),
                        count(len(teacher_patch))])
@@ -525,11 +550,12 @@ def teacher_temperature_schedule(warmup_temp, temp, warmup_epochs, epochs):
 
 
 def param_groups(model):
-    """Weight decay on weight matrices only (none on biases and 1-D parameters)."""
+    """Weight decay on weight matrices only (none on biases and 1-D parameters), and on the head's
+    weight-norm gain: DINO/iBOT's weight_g has shape (K, 1), so their ndim rule decays it."""
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if n.endswith(".bias") or p.ndim <= 1 else decay).append(p)
+            (decay if p.ndim > 1 or n.endswith("weight_g") else no_decay).append(p)
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -608,14 +634,14 @@ def train_step(run, images, masks, it, epoch):
     B = images.shape[0]
     (t1, _), (t2, _) = run.aug_t1(images), run.aug_t2(images)
     local = torch.cat([run.aug_local(images)[0] for _ in range(args.local_crops)]) if args.local_crops else None
-    masks_t, index, weight = [t.to(dev, non_blocking=True) for t in masks]  # pinned by the loader on CUDA
+    masks_t, index, t_index, weight, rows, partner = [t.to(dev, non_blocking=True) for t in masks]  # pinned by the loader on CUDA
     views = torch.cat([t1, t2])  # both global crops through the encoder in one call
     tt = float(run.teacher_temp[min(epoch, len(run.teacher_temp) - 1)])
     with torch.autocast(dev.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
         with torch.no_grad():
-            t_cls, t_patch = run.teacher(views, index)  # teacher sees t1, t2 unmasked
-        s_cls, s_patch = run.model(views, index, mask=masks_t, local_views=local)
-        loss_cls = cls_distillation_loss(s_cls, t_cls, run.center_cls, tt, args.student_temp)
+            t_cls, t_patch = run.teacher(views, t_index)  # teacher sees t1, t2 unmasked
+        s_cls, s_patch = run.model(views.index_select(0, rows), index, mask=masks_t, local_views=local)
+        loss_cls = cls_distillation_loss(s_cls, t_cls, partner, run.center_cls, tt, args.student_temp)
         loss_mim = patch_mim_loss(s_patch, t_patch, weight, B, run.center_patch[0], tt, args.student_temp)
         loss = args.lambda1 * loss_cls + args.lambda2 * loss_mim  # sec. 2.3, eq. (5)
     opt.zero_grad(set_to_none=True)
@@ -638,13 +664,17 @@ PIPELINE = "batch_extras" in inspect.signature(data.build_loader).parameters
 
 
 def ipc_batch(rng, batch, args):
-    """A batch's IPC masks (bool [2B, N]: student view s1, then s2) and the loss's masked-token index
-    and weights. build_loader's batch_extras: built in the loader workers, off the training thread,
+    """A batch's IPC masks (bool [2B, N]: student view s1, then s2), the students' crops and [CLS]
+    partners (student_view_rows), and the loss's masked-token index, teacher index and weights.
+    build_loader's batch_extras: built in the loader workers, off the training thread,
     with rng = np.random.default_rng([seed, rank, epoch, batch index]) (resumes exactly)."""
     g = args.img_size // args.patch_size
     m1, m2 = ipc_masks(batch, g, g, args.clean_prob, args.mask_ratio, args.mask_shape, rng)
+    rows, partner = student_view_rows(m1, m2, args.ipc_views, rng)
     masks = np.concatenate([m1, m2])
-    return (torch.from_numpy(masks), *masked_token_index(masks))
+    index, weight = masked_token_index(masks)
+    t_index = torch.from_numpy(rows)[index // g ** 2] * g ** 2 + index % g ** 2  # same crop, same cell
+    return torch.from_numpy(masks), index, t_index, weight, torch.from_numpy(rows), torch.from_numpy(partner)
 
 
 def loader_cache(args):
@@ -1036,7 +1066,7 @@ def evaluate_checkpoint(ck, path, args):
     report_curves(Path(path).parent / "log.jsonl", args.out)
 
 
-# ---- Visualisation: input, IPC masks of both views, last-layer [CLS] attention (sec. 3.2.3) -------
+# ---- Visualisation: crops, the IPC student views, last-layer [CLS] attention (sec. 3.2.3) ---------
 @torch.no_grad()
 def visualize(backbone, args, n_images=6):
     """OUT/visualize.png: n_images of the test split, their IPC masks and [CLS] attention."""
@@ -1049,22 +1079,26 @@ def visualize(backbone, args, n_images=6):
                           for i in np.linspace(0, len(ds) - 1, n_images)]).to(args.device)
     B = len(images)
     g = S // p
-    m1, m2 = ipc_masks(B, g, g, clean_prob=0.0, ratio_range=args.mask_ratio, shape=args.mask_shape,
-                       rng=np.random.default_rng(args.seed))
+    crop = data.BatchAugment(S, scale=args.global_crops_scale, vflip=0.5, rot90=0.75, jitter_p=0.0, gray_p=0.0,
+                             mean=(0, 0, 0), std=(1, 1, 1))  # geometry only, pixels in [0, 1]
+    views = torch.cat([crop(images)[0], crop(images)[0]]) * 255  # t1, t2
+    rng = np.random.default_rng(args.seed)
+    m1, m2 = ipc_masks(B, g, g, clean_prob=0.0, ratio_range=args.mask_ratio, shape=args.mask_shape, rng=rng)
+    rows, _ = student_view_rows(m1, m2, args.ipc_views, rng)  # the students' crops, as in train_step
     att = backbone.last_cls_attention(data.normalize(images)).mean(1).reshape(B, 1, g, g)
     att = (att - att.amin((2, 3), keepdim=True)) / (att.amax((2, 3), keepdim=True) - att.amin((2, 3), keepdim=True) + 1e-8)
     att = F.interpolate(att, size=(S, S), mode="nearest")[:, 0]
     heat = torch.stack([att, att * 0.4, 1 - att], 1) * 255  # blue (low) to red (high)
 
-    def up(m):  # grid mask -> pixel mask [B, 1, S, S]
-        return torch.from_numpy(m).reshape(B, 1, g, g).float().repeat_interleave(p, 2).repeat_interleave(p, 3).to(images.device)
-    img = images.float()
-    cols = [img, img * (1 - up(m1)) + 128 * up(m1), img * (1 - up(m2)) + 128 * up(m2), 0.5 * img + 0.5 * heat]
+    m = torch.from_numpy(np.concatenate([m1, m2])).reshape(2 * B, 1, g, g).float().to(images.device)
+    m = m.repeat_interleave(p, 2).repeat_interleave(p, 3)  # grid mask -> pixel mask
+    s = views[torch.from_numpy(rows).to(images.device)] * (1 - m) + 128 * m
+    cols = [views[:B], views[B:], s[:B], s[B:], 0.5 * images.float() + 0.5 * heat]
     grid = torch.cat([torch.cat([c[i] for c in cols], 2) for i in range(B)], 1)  # row per image
     path = Path(args.out) / "visualize.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid.clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()).save(path)
-    print(f"wrote {path}: columns = input | s1 (m masked) | s2 (1-m masked) | [CLS] attention")
+    print(f"wrote {path}: columns = t1 | t2 | s1 (m masked) | s2 (1-m masked) ({args.ipc_views}) | [CLS] attention on the input")
 
 
 # ---- Benchmark: random tensors of the real shapes ------------------------------------------------
@@ -1124,7 +1158,8 @@ def bench(args):
     t1 = time.perf_counter()
     for _ in range(3):
         (patch_mim_loss(s_p, t_p, w, args.batch_size, run.center_patch[0], 0.07, 0.1)
-         + cls_distillation_loss(s_c, t_c, run.center_cls, 0.07, 0.1)).backward()
+         + cls_distillation_loss(s_c, t_c, torch.arange(2 * args.batch_size, device=dev).roll(args.batch_size),
+                                 run.center_cls, 0.07, 0.1)).backward()
     sync()
     loss_ms = (time.perf_counter() - t1) / 3 * 1000
     line = (f"bench {args.arch}/{args.patch_size} img {args.img_size} batch {args.batch_size}x{args.world_size} K {args.out_dim} "

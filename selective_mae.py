@@ -4,7 +4,8 @@ Paper: Wang et al., "Scaling Efficient Masked Image Modeling on Large Remote Sen
 (arXiv 2406.11933), official code github.com/Fengxiang23/SelectiveMAE. An MAE whose encoder sees
 only K = floor(N(1-m)) selected patches (m = 0.85: 29 of 196) chosen by HOG seeds plus progressive
 semantic token selection (PSTS), and whose decoder reconstructs only R = floor(N r) of the masked
-patches (r = 0.25: 49 of 196), the R with the highest HOG energy.
+patches (r = 0.25: 49 of 196), the R with the highest HOG energy. Like the official training,
+InfoBatch prunes well-learned samples in the first 87.5% of the epochs (--infobatch, on with --data).
 
 Difference from the official code (on purpose): the official "HOG score" is the mean of a
 standardised vector, identically 0, so its semantic choices are uniform random. Here the score is
@@ -76,7 +77,8 @@ def get_args_parser():
     g.add_argument("--seed-select", default="topk", choices=["topk", "sample", "random"],
                    help="PSTS seeds (floor(K/2)): top HOG, sampled from softmax(score/T), or random = MAE "
                    "random masking of all K tokens (PSTS needs semantic seeds, so it is skipped)")
-    g.add_argument("--score-temp", type=float, default=1.0, help="T of the softmax for 'sample' choices")
+    g.add_argument("--score-temp", type=float, default=1.0, help="T of softmax(z/T) for 'sample' choices, z = "
+                   "HOG scores standardised per image (so T means the same on every dataset)")
     g.add_argument("--psts-rounds", type=int, default=2, help="greedy PSTS rounds after the seeds (0: all K seeds)")
     g.add_argument("--target-select", default="topk", choices=["topk", "sample", "random"],
                    help="which masked patches are reconstructed: top HOG, sampled, or random")
@@ -95,6 +97,10 @@ def get_args_parser():
     g.add_argument("--weight-decay", type=float, default=0.05, help="AdamW decay (none on 1-D params)")
     g.add_argument("--warmup-epochs", type=int, default=None, help="linear warm-up epochs (10; demo 1)")
     g.add_argument("--clip-grad", type=float, default=1.0, help="global gradient-norm clip")
+    g.add_argument("--infobatch", type=int, default=None, choices=[0, 1], help="InfoBatch data pruning, as the "
+                   "official main_pretrain.py (paper settings 1; demo 0)")
+    g.add_argument("--infobatch-prune", type=float, default=0.5, help="share of the below-mean-loss samples dropped")
+    g.add_argument("--infobatch-delta", type=float, default=0.875, help="prune in the first delta * epochs epochs")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="run folder (runs/selective_mae_<data>; the checkpoint's folder for "
                    "--eval-only/--export/--visualize)")
@@ -128,9 +134,9 @@ def resolve_args(args, saved=None):
             setattr(args, k, saved[k] if getattr(args, k) is None else getattr(args, k))
     demo = args.data is None
     defaults = dict(arch="vit_tiny", img_size=64, patch_size=8, epochs=6, batch_size=32, warmup_epochs=1,
-                    decoder_depth=4, workers=0, synthetic_images=400, log_every=5, blr=5e-3) if demo else dict(
+                    decoder_depth=4, workers=0, synthetic_images=400, log_every=5, blr=5e-3, infobatch=0) if demo else dict(
                     arch="vit_base", img_size=224, patch_size=16, epochs=800, batch_size=256, warmup_epochs=10,
-                    decoder_depth=8, workers=8, synthetic_images=1000, log_every=20, blr=1.5e-4)
+                    decoder_depth=8, workers=8, synthetic_images=1000, log_every=20, blr=1.5e-4, infobatch=1)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -198,12 +204,13 @@ class Attention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Queries (target positions) attend to the encoder output only (CrossMAE)."""
-    def __init__(self, dim, heads, backend):
+    """Queries (target positions) attend to the encoder output only (CrossMAE); keys/values are
+    projected from the memory's width (official: the encoder's, CrossAttention(encoder_dim, decoder_dim))."""
+    def __init__(self, dim, heads, backend, memory_dim):
         super().__init__()
         self.num_heads, self.backend = heads, backend
         self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, dim * 2)
+        self.kv = nn.Linear(memory_dim, dim * 2)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, memory, key_mask=None):
@@ -236,9 +243,9 @@ class Block(nn.Module):
 
 class CrossBlock(nn.Module):
     """LN -> cross-attention to the encoder output -> LN -> MLP (spec sec. 2, decoder)."""
-    def __init__(self, dim, heads, backend):
+    def __init__(self, dim, heads, backend, memory_dim):
         super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), CrossAttention(dim, heads, backend)
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), CrossAttention(dim, heads, backend, memory_dim)
         self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, 4 * dim)
 
     def forward(self, x, memory, key_mask=None):
@@ -317,12 +324,15 @@ class SelectiveMAE(nn.Module):
         self.uses_scores = args.adaptive_budget or args.seed_select != "random" or args.target_select != "random"
         self.encoder = VisionTransformer(args.img_size, self.patch, dim, depth, heads, args.attn)
         dd = args.decoder_width
-        self.decoder_embed = nn.Linear(dim, dd)
+        if args.decoder == "cross":   # official/CrossMAE: each block's keys/values from the encoder width
+            self.decoder_embed = nn.Identity()
+            blocks = [CrossBlock(dd, args.decoder_heads, args.attn, dim) for _ in range(args.decoder_depth)]
+        else:                         # MAE: one Linear(encoder, decoder width), then self-attention
+            self.decoder_embed = nn.Linear(dim, dd)
+            blocks = [Block(dd, args.decoder_heads, args.attn) for _ in range(args.decoder_depth)]
+        self.decoder_blocks = nn.ModuleList(blocks)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dd))
         self.decoder_pos_embed = nn.Parameter(sincos_pos_embed(dd, self.grid), requires_grad=False)
-        block = CrossBlock if args.decoder == "cross" else Block
-        self.decoder_blocks = nn.ModuleList(block(dd, args.decoder_heads, args.attn)
-                                            for _ in range(args.decoder_depth))
         self.decoder_norm = nn.LayerNorm(dd, eps=1e-6)
         self.decoder_pred = nn.Linear(dd, self.patch ** 2 * 3)
         self.apply(self._init_weights)
@@ -354,7 +364,7 @@ class SelectiveMAE(nn.Module):
 
     def decode(self, latent, vis_idx, tgt_idx, key_mask):
         B, R = tgt_idx.shape
-        memory = self.decoder_embed(latent)                                  # [B, 1+K, dd]
+        memory = self.decoder_embed(latent)                       # [B, 1+K, D] (cross) or [B, 1+K, dd] (self)
         pos = self.decoder_pos_embed.expand(B, -1, -1)
         x = self.mask_token + gather_tokens(pos[:, 1:], tgt_idx)             # queries at the targets
         if self.decoder_kind == "cross":
@@ -375,7 +385,7 @@ class SelectiveMAE(nn.Module):
         vis_idx, tgt_idx, valid = self.choose_tokens(tokens.detach(), scores, stage_probs)
         latent, key_mask = self.encoder.forward_selected(tokens, vis_idx, valid)
         pred = self.decode(latent, vis_idx, tgt_idx, key_mask)
-        loss = reconstruction_loss(pred, images, tgt_idx, self.patch, self.norm_pix)
+        loss = reconstruction_loss(pred, images, tgt_idx, self.patch, self.norm_pix)   # per image [B]
         return loss, pred, vis_idx, tgt_idx, valid
 
 
@@ -406,10 +416,14 @@ def psts_stage(progress):
 
 
 def gumbel_keys(scores, temp):
-    """Sorting score/T + Gumbel noise and taking the top k = sampling k without replacement from
-    softmax(score/T) (Gumbel-top-k); batched, no torch.multinomial."""
-    u = torch.rand_like(scores, dtype=torch.float32).clamp_(1e-9, 1 - 1e-9)
-    return scores.float() / temp - torch.log(-torch.log(u))
+    """Sorting z/T + Gumbel noise and taking the top k = sampling k without replacement from
+    softmax(z/T) (Gumbel-top-k); batched, no torch.multinomial. z = the scores standardised per
+    image: raw HOG energies have a per-image std of ~14 on UCM, so softmax(score/1) was nearly
+    one-hot (top-k in all but name) and T's meaning depended on the dataset's contrast."""
+    s = scores.float()
+    z = (s - s.mean(1, keepdim=True)) / (s.std(1, keepdim=True) + 1e-6)
+    u = torch.rand_like(s).clamp_(1e-9, 1 - 1e-9)
+    return z / temp - torch.log(-torch.log(u))
 
 
 def round_sizes(total, rounds):
@@ -475,11 +489,12 @@ def select_targets(scores, vis_idx, valid, n_targets, mode, temp):
 
 # ----------------------------------------------------------------------------------------- loss
 def reconstruction_loss(pred, images, tgt_idx, patch, norm_pix=True):
-    """Norm-pix MSE: mean over pixels, then over the R target patches, then over the batch."""
+    """Norm-pix MSE per image [B]: mean over pixels, then over the R target patches (the official
+    forward_loss_sampling; the caller averages over the batch, InfoBatch with per-image weights)."""
     target = gather_tokens(patchify(images.float(), patch), tgt_idx)
     if norm_pix:
         target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
-    return (pred.float() - target).pow(2).mean(-1).mean(-1).mean()
+    return (pred.float() - target).pow(2).mean(-1).mean(-1)
 
 
 # ------------------------------------------------------------------------------------ schedules
@@ -556,6 +571,70 @@ def rng_neutral(fn, device):
         return fn()
 
 
+# ------------------------------------------------------------------------------------- InfoBatch
+class InfoBatch:
+    """InfoBatch (Qin et al., ICLR 2024) as the official main_pretrain.py uses it, InfoBatch(dataset,
+    epochs, 0.5, 0.875) (rule of NUS-HPC-AI-Lab/InfoBatch, infobatch.py): every training sample
+    keeps its last loss (3 before it is seen, as official: above any norm-pix loss, so not pruned).
+    In epochs e < delta * epochs the "well-learned" samples (loss below the mean) are dropped at
+    random, int(keep * count) of them kept with weight 1 / keep (keep = 1 - prune_ratio), so the
+    expected gradient is unchanged; later epochs use every sample with weight 1.
+    It is the loader's index sampler (set_epoch, __iter__, __len__): every rank draws the same
+    order from (seed, epoch) and takes its shard as DistributedSampler(drop_last) does; per-sample
+    losses are all-gathered every step, so every rank holds the same scores and prunes the same."""
+    def __init__(self, n, epochs, prune_ratio, delta, seed, rank, world, device):
+        self.keep = min(1.0, max(0.1, 1.0 - prune_ratio))          # official clamp
+        self.stop, self.seed, self.rank, self.world = delta * epochs, seed, rank, world
+        self.scores, self.weights = torch.full((n,), 3.0, device=device), torch.ones(n, device=device)
+        self.order, self.epoch = np.arange(n), None
+
+    def set_epoch(self, epoch):
+        if epoch == self.epoch:          # resumed mid-epoch: keep the checkpoint's order and weights
+            return
+        rng = np.random.default_rng([self.seed, epoch])
+        order, self.epoch = np.arange(len(self.scores)), epoch
+        self.weights.fill_(1.0)
+        if epoch < self.stop:
+            scores = self.scores.cpu().numpy()                       # one host sync per epoch
+            well = np.flatnonzero(scores < scores.mean())
+            kept = rng.choice(well, int(self.keep * len(well)), replace=False)
+            self.weights[torch.from_numpy(kept).to(self.weights.device)] = 1.0 / self.keep
+            order = np.concatenate([np.flatnonzero(scores >= scores.mean()), kept])
+        self.order = rng.permutation(order)
+
+    def shard(self):
+        return self.order[self.rank:len(self) * self.world:self.world]
+
+    def __len__(self):
+        return len(self.order) // self.world
+
+    def __iter__(self):
+        return iter(self.shard().tolist())
+
+    def batch_indices(self, it, batch_size):
+        """Dataset positions of this rank's batch `it` (EpochBatchSampler cuts the shard in order)."""
+        return torch.from_numpy(np.ascontiguousarray(self.shard()[it * batch_size:(it + 1) * batch_size]))
+
+    def weighted_loss(self, per_sample, indices):
+        """Official dataset.update(loss): record the losses of every rank's batch, return the
+        batch mean of the losses times their weights."""
+        indices = indices.to(per_sample.device)
+        both = torch.stack([indices.double(), per_sample.detach().double()])
+        if dist.is_initialized():
+            parts = [torch.empty_like(both) for _ in range(self.world)]
+            dist.all_gather(parts, both)
+            both = torch.cat(parts, 1)
+        self.scores[both[0].long()] = both[1].float()
+        return (per_sample * self.weights[indices]).mean()
+
+    def state_dict(self):
+        return {"scores": self.scores.cpu(), "weights": self.weights.cpu(), "order": self.order, "epoch": self.epoch}
+
+    def load_state_dict(self, state):
+        self.scores.copy_(state["scores"]), self.weights.copy_(state["weights"])
+        self.order, self.epoch = state["order"], state["epoch"]
+
+
 # ------------------------------------------------------------------------------------ train loop
 def save_checkpoint(path, model, optimizer, scaler, args, epoch, step_in_epoch, global_step, method):
     """Atomic (tmp + os.replace). RNG states of every rank are gathered so each resumes its own."""
@@ -586,7 +665,11 @@ def train(args, rank, world, device):
     if steps_per_epoch == 0:   # drop_last with fewer training images per rank than one batch
         raise SystemExit(f"{args.data}: fewer training images per process than --batch-size {args.batch_size} "
                          f"(world {world}); lower --batch-size")
-    total_steps = args.epochs * steps_per_epoch
+    infobatch = InfoBatch(len(loader.dataset), args.epochs, args.infobatch_prune, args.infobatch_delta, args.seed,
+                          rank, world, device) if args.infobatch else None
+    if infobatch:
+        loader.sampler.index_sampler = infobatch    # data.EpochBatchSampler batches its shard
+    total_steps = args.epochs * steps_per_epoch     # unpruned: schedules run on epoch progress
     lr = learning_rate(args, args.batch_size * world)
     lrs = cosine_schedule(lr, total_steps, args.warmup_epochs * steps_per_epoch)
     stages = stage_schedule(args.epochs, steps_per_epoch, device)
@@ -602,6 +685,8 @@ def train(args, rank, world, device):
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, start_step, global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
         method = ckpt["method"]
+        if infobatch and method.get("infobatch"):
+            infobatch.load_state_dict(method["infobatch"])
         set_rng_state(ckpt["rng"][rank if rank < len(ckpt["rng"]) else 0])
         if rank == 0:
             print(f"resumed {resume}: epoch {start_epoch} step {start_step} (global {global_step})")
@@ -624,18 +709,21 @@ def train(args, rank, world, device):
         n_steps = n_resumed = method.get("n_steps", 0)
         method = {}
         t_epoch = time.time()
-        for it in range(steps_per_epoch):
+        n_it = len(loader)           # fewer than steps_per_epoch in InfoBatch's pruned epochs
+        for it in range(n_it):
             images, _ = rng_neutral(lambda: next(batches), device)
             if it < start_step:      # resumed mid-epoch: the same sampler order, skip what was done
                 continue
-            step = epoch * steps_per_epoch + it
+            step = epoch * steps_per_epoch + it * steps_per_epoch // n_it   # lr, PSTS: by epoch progress
             for g in optimizer.param_groups:
                 g["lr"] = lrs[step]
             images = images.to(device, non_blocking=True)
             views, _ = augment(images)
             scores = hog_patch_scores(views, args.patch_size, core.uses_scores)
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss = model(views, scores, stages[step])[0]
+                losses = model(views, scores, stages[step])[0]
+            loss = infobatch.weighted_loss(losses, infobatch.batch_indices(it, args.batch_size)) if infobatch \
+                else losses.mean()
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
@@ -646,25 +734,27 @@ def train(args, rank, world, device):
             n_steps += 1
             global_step += 1
             images_seen += images.shape[0] * world
-            if global_step % args.log_every == 0 or it == steps_per_epoch - 1:
+            if global_step % args.log_every == 0 or it == n_it - 1:
                 l = all_mean(loss.detach()).item()   # the only host sync of the step, when logging
                 rate = images_seen / (time.time() - t_start)
                 eta = (total_steps - global_step) * args.batch_size * world / max(rate, 1e-9)
                 if rank == 0:
-                    print(f"epoch {epoch} step {it + 1}/{steps_per_epoch} loss {l:.4f} lr {lrs[step]:.3g} "
+                    print(f"epoch {epoch} step {it + 1}/{n_it} loss {l:.4f} lr {lrs[step]:.3g} "
                           f"psts {psts_stage(step / total_steps)[0]} {rate:.1f} img/s eta {eta / 60:.1f} min",
                           flush=True)
-            if args.max_steps and global_step >= args.max_steps and it + 1 < steps_per_epoch:
+            if args.max_steps and global_step >= args.max_steps and it + 1 < n_it:
                 save_checkpoint(ckpt_path, core, optimizer, scaler, args, epoch, it + 1, global_step,
                                 {"loss_sum": all_mean(loss_sum).item(), "n_steps": n_steps,   # PSTS stage: a
-                                 "psts_stage": psts_stage(global_step / total_steps)[0]})     # function of step
+                                 "psts_stage": psts_stage((step + 1) / total_steps)[0],       # function of step
+                                 "infobatch": infobatch and infobatch.state_dict()})
                 if rank == 0:
                     print(f"--max-steps {args.max_steps} reached: checkpoint at epoch {epoch} step {it + 1}")
                 return core, False
         start_step = 0
         epoch_loss = all_mean(loss_sum / max(n_steps, 1)).item()
         save_checkpoint(ckpt_path, core, optimizer, scaler, args, epoch + 1, 0, global_step,
-                        {"psts_stage": psts_stage(global_step / total_steps)[0]})
+                        {"psts_stage": psts_stage((epoch + 1) / args.epochs)[0],
+                         "infobatch": infobatch and infobatch.state_dict()})
         if rank == 0:
             record = {"epoch": epoch, "loss": epoch_loss, "lr": float(lrs[(epoch + 1) * steps_per_epoch - 1]),
                       "psts": psts_stage(epoch / args.epochs)[0], "steps": global_step,
@@ -799,8 +889,8 @@ def flops_per_image(model, args):
     T = 1 + (model.n_pad if model.adaptive else model.n_keep)
     embed = 2 * N * D * 3 * args.patch_size ** 2
     enc = embed + depth * (24 * T * D * D + 4 * T * T * D)
-    if args.decoder == "cross":
-        dec = 2 * T * D * d + L * (2 * R * d * d + 4 * T * d * d + 4 * R * T * d + 2 * R * d * d + 16 * R * d * d)
+    if args.decoder == "cross":   # keys/values projected from the encoder width D in every block
+        dec = L * (2 * R * d * d + 4 * T * D * d + 4 * R * T * d + 2 * R * d * d + 16 * R * d * d)
     else:
         S = T + R
         dec = 2 * T * D * d + L * (24 * S * d * d + 4 * S * S * d)
@@ -819,7 +909,7 @@ def bench(args, device):
     def step():
         scores = hog_patch_scores(images, args.patch_size, model.uses_scores)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            loss = step_model(images, scores, probs)[0]
+            loss = step_model(images, scores, probs)[0].mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)

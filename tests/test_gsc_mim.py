@@ -1,6 +1,7 @@
 """Tests of gsc_mim.py (CPU, tiny): IPC-Masking, losses against hand-written formulas, centring,
 EMA, schedules, overfitting, exact resume (signal, --max-steps), kNN during training, 2-process and
-two-node torchrun, the checkpoint modes (--export, --visualize, --eval-only), user errors."""
+two-node torchrun, the checkpoint modes (--export, --visualize, --eval-only), user errors, same/cross IPC views."""
+import copy
 import importlib.util
 import json
 import math
@@ -67,6 +68,25 @@ def test_ipc_masks_are_complementary(shape, rng):
     assert 0.3 < (m1[~clean].sum(1) < 98).mean() < 0.7  # roles of s1 / s2 swapped at random
 
 
+def test_same_views_are_complementary_masks_of_one_crop():
+    """--ipc-views same: per masked image both students are made from ONE crop (rows of [t1; t2]),
+    under exact complements, so their masked positions together cover every patch of it; which
+    crop is drawn per image (both about equally often); the [CLS] partner is the other crop."""
+    rng = np.random.RandomState(5)
+    B, N = 400, 16
+    m1, m2 = gsc.ipc_masks(B, 4, 4, clean_prob=0.5, ratio_range=(0.1, 0.5), rng=rng)
+    rows, partner = gsc.student_view_rows(m1, m2, "same", rng)
+    crop, image = rows // B, rows % B
+    assert (image == np.tile(np.arange(B), 2)).all() and (partner == (1 - crop) * B + image).all()
+    masked = (m1 | m2).any(1)
+    assert (crop[:B][masked] == crop[B:][masked]).all()  # s1, s2 of one crop
+    assert (m1[masked] == ~m2[masked]).all()  # exact complements: every patch masked in one view
+    assert 0.4 < crop[:B][masked].mean() < 0.6  # t1 / t2 drawn per image
+    assert (crop[:B][~masked] == 0).all() and (crop[B:][~masked] == 1).all()  # clean pairs: t1, t2
+    rows, partner = gsc.student_view_rows(m1, m2, "cross", rng)
+    assert (rows == np.arange(2 * B)).all() and (partner == np.roll(np.arange(2 * B), B)).all()
+
+
 @pytest.mark.parametrize("ratio", [0.1, 0.2, 0.3, 0.4, 0.5])
 def test_block_mask_ratio_on_14x14(ratio):
     rng = np.random.RandomState(1)
@@ -121,8 +141,14 @@ def test_cls_distillation_loss_matches_formula():
     pairs = [(0, 1), (0, 2), (0, 3), (1, 0), (1, 2), (1, 3)]  # (teacher view, student view), cross-view
     expected = np.mean([np.mean([ce_by_hand(tv[q][b], sv[v][b], c, tt, ts) for b in range(B)]) for q, v in pairs])
     f = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
-    got = gsc.cls_distillation_loss(f(s), f(t), f(c)[None], tt, ts)
+    cross = torch.tensor([2, 3, 0, 1])  # s1 <- t2, s2 <- t1
+    got = gsc.cls_distillation_loss(f(s), f(t), cross, f(c)[None], tt, ts)
     assert abs(got.item() - expected) < 1e-4 * max(1, abs(expected))
+    # same: image 0's students both saw t1 (partner t2), image 1's both saw t2 (partner t1)
+    terms = [ce_by_hand(t[q], s[r], c, tt, ts) for r, q in enumerate([2, 1, 2, 1])]
+    terms += [ce_by_hand(tv[q][b], sv[v][b], c, tt, ts) for q in (0, 1) for v in (2, 3) for b in range(B)]
+    got = gsc.cls_distillation_loss(f(s), f(t), torch.tensor([2, 1, 2, 1]), f(c)[None], tt, ts)
+    assert abs(got.item() - np.mean(terms)) < 1e-4 * max(1, abs(np.mean(terms)))
 
 
 def test_centres_update():
@@ -195,6 +221,12 @@ def test_weight_norm_last_layer_and_groups():
     decay, no_decay = gsc.param_groups(student)
     assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
     assert all(p is not ll.weight_g for g in (decay, no_decay) for p in g["params"])  # frozen norms
+    student, _ = gsc.build_student_teacher(micro_args(norm_last_layer="false"))
+    decay, no_decay = gsc.param_groups(student)  # DINO/iBOT decay their (K, 1) weight_g
+    g = student.head.last_layer.weight_g
+    assert any(p is g for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
+    names = {id(p): n for n, p in student.named_parameters()}
+    assert all(names[id(p)].endswith(".bias") or "norm" in names[id(p)] for p in no_decay["params"])
 
 
 def test_mask_embedding_replaces_patches_and_clean_prob_one():
@@ -229,6 +261,58 @@ def test_autocast_step_on_cpu(amp):
     out = gsc.train_step(run, torch.randint(0, 256, (4, 3, 36, 36), dtype=torch.uint8), masks, 0, 1)
     assert all(math.isfinite(v.item()) for v in out.values())
     assert run.scaler.is_enabled() == (amp == "fp16")
+
+
+def soft_ce_by_hand(t, s, c, tt, ts):
+    return -(torch.softmax((t - c) / tt, -1) * torch.log_softmax(s / ts, -1)).sum(-1)
+
+
+@pytest.mark.parametrize("ipc_views", ["same", "cross"])
+def test_step_losses_match_a_transcription(ipc_views, monkeypatch):
+    """train_step's losses on a tiny model against a transcription that runs every network on whole
+    images: the patch loss compares each student token with the teacher's token at the SAME
+    position of the SAME crop the student was made from (same: one crop per image for s1 and s2;
+    cross: t1 for s1, t2 for s2); the [CLS] loss pairs it with the teacher's other crop."""
+    args = micro_args(ipc_views=ipc_views, batch_size=4, epochs=1, drop_path=0.0)
+    gsc.setup_distributed(args)
+    run = gsc.build_run(args, 4)
+    g = torch.Generator().manual_seed(6)
+    t12 = [torch.randn(4, 3, 32, 32, generator=g) for _ in range(2)]
+    run.aug_t1, run.aug_t2 = (lambda im: (t12[0], None)), (lambda im: (t12[1], None))
+    m1 = torch.rand(4, 16, generator=g).numpy() < 0.3
+    m1[2] = False  # a clean pair
+    m2 = ~m1
+    m2[2] = False
+    monkeypatch.setattr(gsc, "ipc_masks", lambda *a, **k: (m1, m2))
+    seen = []
+    real_rows = gsc.student_view_rows
+    monkeypatch.setattr(gsc, "student_view_rows", lambda *a: seen.append(real_rows(*a)) or seen[-1])
+    student, teacher = copy.deepcopy(run.student), copy.deepcopy(run.teacher)
+    with torch.no_grad():
+        run.center_cls.normal_(0, 0.1), run.center_patch.normal_(0, 0.1)
+    cc, cp = run.center_cls.clone(), run.center_patch.clone()
+    masks = gsc.ipc_batch(np.random.default_rng(0), 4, args)  # built as the loader does
+    out = gsc.train_step(run, torch.zeros(4, 3, 36, 36, dtype=torch.uint8), masks, 0, 0)
+    rows = seen[0][0]
+    crop = rows // 4
+    if ipc_views == "cross":
+        assert (crop == [0, 0, 0, 0, 1, 1, 1, 1]).all()
+    else:
+        assert crop[2] == 0 and crop[6] == 1 and all(crop[b] == crop[4 + b] for b in (0, 1, 3))
+    tt, ts = run.teacher_temp[0], args.student_temp
+    with torch.no_grad():
+        t_tok = [teacher.head(teacher.backbone(t)) for t in t12]  # [B, 1 + N, K] per crop
+        mim, cls = [], []
+        for j, m in enumerate((m1, m2)):
+            for b in range(4):
+                x = t12[crop[4 * j + b]][b:b + 1]
+                s_tok = student.head(student.backbone(x, torch.from_numpy(m[b:b + 1])))[0]
+                own, other = t_tok[crop[4 * j + b]][b], t_tok[1 - crop[4 * j + b]][b]
+                i = np.flatnonzero(m[b]) + 1
+                mim.append(soft_ce_by_hand(own[i], s_tok[i], cp[0, 0], tt, ts).mean() if len(i) else torch.tensor(0.0))
+                cls.append(soft_ce_by_hand(other[0], s_tok[0], cc[0], tt, ts))
+    assert out["loss_mim"].item() == pytest.approx(torch.stack(mim).mean().item(), rel=1e-4)
+    assert out["loss_cls"].item() == pytest.approx(torch.stack(cls).mean().item(), rel=1e-4)
 
 
 def test_loss_falls_when_overfitting_one_batch():
@@ -381,7 +465,7 @@ def demo_run(tmp_path_factory):
 
 
 def test_demo_ends_with_its_picture(demo_run):
-    assert Image.open(demo_run[0] / "visualize.png").size == (4 * 32, 6 * 32)  # 4 columns, 6 images
+    assert Image.open(demo_run[0] / "visualize.png").size == (5 * 32, 6 * 32)  # 5 columns, 6 images
 
 
 def test_export_beside_the_checkpoint_with_timm_names(demo_run, tmp_path, monkeypatch):
@@ -409,7 +493,7 @@ def test_visualize_beside_the_checkpoint(demo_run, tmp_path, monkeypatch):
     (demo_run[0] / "visualize.png").unlink()
     monkeypatch.chdir(tmp_path)
     gsc.main(["--visualize", str(demo_run[0] / "checkpoint.pth")])
-    assert Image.open(demo_run[0] / "visualize.png").size == (4 * 32, 6 * 32) and not (tmp_path / "runs").exists()
+    assert Image.open(demo_run[0] / "visualize.png").size == (5 * 32, 6 * 32) and not (tmp_path / "runs").exists()
 
 
 def test_eval_only_beside_the_checkpoint_on_its_split(demo_run, tmp_path, monkeypatch, capsys):
