@@ -1,8 +1,12 @@
-"""data.py: layouts, decoding of every image mode, errors, splits, synthetic scenes, loaders,
-the memmap cache and BatchAugment. All images are written by the tests (small, fast)."""
+"""data.py: layouts, decoding of every image mode, errors, splits, synthetic scenes, load sizes,
+loaders (prefetching, batch extras, resume), the memmap cache and BatchAugment (against the
+implementation it replaced). All images are written by the tests (small, fast)."""
+import itertools
 import json
 import logging
+import math
 import pathlib
+import threading
 
 import numpy as np
 import pytest
@@ -12,6 +16,13 @@ from PIL import Image
 
 import data
 from data import BatchAugment, DataError
+
+
+@pytest.fixture(autouse=True)
+def auto_cache(tmp_path, monkeypatch):
+    """cache="auto" (build_loader's default) writes under the test's folder, never ~/.cache."""
+    monkeypatch.setenv("RSMIM_CACHE", str(tmp_path / "auto-cache"))
+    return tmp_path / "auto-cache"
 
 
 def rgb(seed, size=(40, 40)):
@@ -125,10 +136,12 @@ def test_corrupt_and_truncated_images_name_the_file(tmp_path):
     for name in ("a/truncated.jpg", "b/garbage.png"):
         with pytest.raises(DataError, match=f"cannot read image {root / name}.*skip_bad"):
             ds[ds.samples.index(name)]
-    loader = data.build_loader(str(root), None, "all", size=32, batch_size=4, shuffle=False,
-                               drop_last=False, workers=0)
-    with pytest.raises(DataError, match="cannot read image"):
-        list(loader)
+    for workers in (0, 2):                                             # PIL path: one line, no traceback
+        loader = data.build_loader(str(root), None, "all", size=32, batch_size=4, shuffle=False,
+                                   drop_last=False, workers=workers, cache=None)
+        with pytest.raises(DataError, match="cannot read image") as error:
+            list(loader)
+        assert "\n" not in str(error.value)
     with pytest.raises(DataError, match="cannot read image"):          # cache build: same error,
         data.build_loader(str(root), None, "all", size=32, batch_size=4, shuffle=False,
                           drop_last=False, workers=0, cache=tmp_path / "cache")
@@ -158,13 +171,50 @@ def test_skip_bad_skips_and_reports_the_count(tmp_path, caplog):
 
 def test_image_smaller_than_the_requested_size(tmp_path):
     root = make_tree(tmp_path / "t", ("a", "b"), 2, size=(40, 30))
-    loader = data.build_loader(str(root), None, "all", size=64, batch_size=4, shuffle=False,
-                               drop_last=False, workers=0)        # 30 px * 2 < 64: refused
-    with pytest.raises(DataError, match=f"image {root / 'a' / 'img000.png'} is 40x30, smaller than"):
+    kwargs = dict(size=64, batch_size=4, shuffle=False, drop_last=False, workers=0)
+    message = f"image {root / 'a' / 'img000.png'} is 40x30, smaller than"   # 30 px * 2 < 64: refused
+    with pytest.raises(DataError, match=message):
+        data.build_loader(str(root), None, "all", **kwargs)                  # the cache build, at once
+    loader = data.build_loader(str(root), None, "all", cache=None, **kwargs)
+    with pytest.raises(DataError, match=message):
         next(iter(loader))
-    loader = data.build_loader(str(root), None, "all", size=64, batch_size=4, shuffle=False,
-                               drop_last=False, workers=0, max_upscale=float("inf"))
+    loader = data.build_loader(str(root), None, "all", max_upscale=float("inf"), **kwargs)
     assert next(iter(loader))[0].shape == (4, 3, 64, 64)         # upscaling on purpose works
+
+
+def test_skip_bad_leaves_out_too_small_images_reported_once(tmp_path, caplog):
+    root = make_tree(tmp_path / "t", ("a", "b"), 10, size=(40, 40), ext=".jpg")
+    rgb(7, (10, 10)).save(root / "a" / "tiny.jpg")
+    splits = data.build_dataset(str(root), skip_bad=True).splits      # drawn with the tiny image
+    kwargs = dict(size=32, batch_size=4, shuffle=False, drop_last=False, workers=0, skip_bad=True)
+    with caplog.at_level(logging.WARNING, logger="rsmim.data"):
+        loaders = {split: data.build_loader(str(root), None, split, **kwargs) for split in ("all", "train", "test")}
+        data.build_loader(str(root), None, "test", cache=None, **kwargs)
+    assert caplog.text.count("left out 1 image(s) smaller than 32 px") == 1 and "a/tiny.jpg" in caplog.text
+    assert caplog.text.count("skipped") <= 1                                 # the skip summary: once a run
+    tiny = data.build_dataset(str(root)).all_samples.index("a/tiny.jpg")
+    for split, loader in loaders.items():
+        expected = [i for i in splits[split] if i != tiny]
+        assert [int(r) for r in loader.rows] == expected and sum(len(y) for _, y in loader) == len(expected)
+    with pytest.raises(DataError, match="tiny.jpg is 10x10, smaller than"):   # without skip_bad: an error
+        data.build_loader(str(root), None, "all", **{**kwargs, "skip_bad": False})
+
+
+# ------------------------------------------------------------------------------------- load sizes
+
+def test_resolve_load_size(tmp_path):
+    make_tree(tmp_path / "AID", ("a",), 1, size=(8, 8))               # the table's size, not the files'
+    make_tree(tmp_path / "UCMerced_LandUse" / "Images", ("a",), 1, size=(8, 8))
+    assert data.resolve_load_size("AID", tmp_path, 224) == 448          # 600 px, capped at 2 x crop
+    assert data.resolve_load_size("AID", tmp_path, 400) == 600
+    assert data.resolve_load_size("UCM", tmp_path, 224) == 256
+    assert data.resolve_load_size("UCM", tmp_path, 224, load_size=300) == 300
+    folder = make_tree(tmp_path / "mine", ("x", "y"), 2, size=(90, 70))
+    (folder / "x" / ".hidden.png").write_bytes(b"not read")
+    assert data.resolve_load_size(str(folder), None, 32) == 64 and data.resolve_load_size(str(folder), None, 48) == 70
+    assert data.resolve_load_size("synthetic", None, 32) == 64
+    with pytest.raises(DataError, match="NWPU-RESISC45 not found"):
+        data.resolve_load_size("NWPU-RESISC45", tmp_path, 224)
 
 
 # ----------------------------------------------------------------------------------------- splits
@@ -233,7 +283,7 @@ def test_cache_pixels_equal_pil_path_and_cache_is_reused(tmp_path, monkeypatch):
     root = make_tree(tmp_path / "t", ("a", "b"), 6, size=(50, 44), ext=".jpg")
     Image.fromarray(np.asarray(rgb(9, (48, 48)))[..., 0]).save(root / "b" / "gray.tif")
     kwargs = dict(size=32, batch_size=5, shuffle=False, drop_last=False, workers=0)
-    plain = list(data.build_loader(str(root), None, "all", **kwargs))
+    plain = list(data.build_loader(str(root), None, "all", cache=None, **kwargs))
     cached_loader = data.build_loader(str(root), None, "all", cache=tmp_path / "cache", **kwargs)
     cached = list(cached_loader)
     assert cached_loader.dataset.classes == ["a", "b"]
@@ -249,7 +299,7 @@ def test_cache_pixels_equal_pil_path_and_cache_is_reused(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "_write_cache", lambda *a, **k: pytest.fail("cache rebuilt"))
     test_split = data.build_loader(str(root), None, "test", cache=tmp_path / "cache", **kwargs)
     assert torch.equal(torch.cat([x for x, _ in test_split]),
-                       torch.cat([x for x, _ in data.build_loader(str(root), None, "test", **kwargs)]))
+                       torch.cat([x for x, _ in data.build_loader(str(root), None, "test", cache=None, **kwargs)]))
     # a changed dataset does not match any more
     rgb(50).save(root / "a" / "new.jpg")
     with pytest.raises(pytest.fail.Exception, match="cache rebuilt"):
@@ -363,7 +413,7 @@ def test_real_ucm_images(ucm_root):
     assert len(ds.classes) == 21 and len(ds) == 2100
     assert len(ds.splits["test"]) == 420 and len(ds.splits["train1"]) == 21
     loader = data.build_loader("UCM", ucm_root, "train1", size=64, batch_size=21, shuffle=False,
-                               drop_last=False, workers=0)
+                               drop_last=False, workers=0, cache=None)
     images, labels = next(iter(loader))
     assert images.shape == (21, 3, 64, 64) and sorted(labels.tolist()) == list(range(21))
     assert images.float().std() > 10
