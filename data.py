@@ -7,17 +7,19 @@ Shared by gsc_mim.py, selective_mae.py and cmid.py. Read top to bottom:
 2. decoding: every image becomes RGB uint8 (grayscale, palette, RGBA, 16-bit TIFF included);
    bad input raises DataError, a one-line message naming the path and saying what to do
 3. synthetic RS-like scenes (fields, forest, water, roads, buildings, cars, tanks)
-4. loaders: build_loader() yields uint8 [B,3,S,S] batches, decoded by PIL in DataLoader workers or
-   read from a memory-mapped cache (`cache=DIR`) that is decoded once; DistributedSampler always
+4. loaders: resolve_load_size(); build_loader() yields uint8 [B,3,S,S] batches made ahead in
+   background threads, read from a memory-mapped cache decoded once (default location, built under a
+   lock by one process per shared folder) or decoded per sample by PIL in worker processes
 5. BatchAugment: random-resized crop, flips, rot90, colour jitter, grayscale, blur, solarise,
    noise on whole batches on any device (the GPU in the scripts), and normalize() for evaluation
 6. run plumbing the scripts share: run_main() (user errors as one line, exit 2), load_checkpoint(),
    CheckpointWriter (background atomic writes), SavePoints (wall clock, SIGTERM/SIGUSR1),
    plot_curves() and time_to_accuracy() for the learning curves
-7. `python data.py --bench ...`: images/s of the PIL path vs the cached path, and of BatchAugment
+7. `python data.py --bench ...`: loader images/s and consumer waits per epoch, and BatchAugment
 
 Typical use in a script:
-    loader = build_loader(args.data, args.data_root, "train", size=256, batch_size=64,
+    size = resolve_load_size(args.data, args.data_root, 224, args.load_size)   # e.g. 448 for AID
+    loader = build_loader(args.data, args.data_root, "train", size=size, batch_size=64,
                           shuffle=True, drop_last=True, seed=args.seed, cache=args.cache)
     augment = BatchAugment(224, hflip=0.5, vflip=0.5, rot90=0.5)
     for epoch in range(epochs):
