@@ -7,17 +7,19 @@ Shared by gsc_mim.py, selective_mae.py and cmid.py. Read top to bottom:
 2. decoding: every image becomes RGB uint8 (grayscale, palette, RGBA, 16-bit TIFF included);
    bad input raises DataError, a one-line message naming the path and saying what to do
 3. synthetic RS-like scenes (fields, forest, water, roads, buildings, cars, tanks)
-4. loaders: build_loader() yields uint8 [B,3,S,S] batches, decoded by PIL in DataLoader workers or
-   read from a memory-mapped cache (`cache=DIR`) that is decoded once; DistributedSampler always
+4. loaders: resolve_load_size(); build_loader() yields uint8 [B,3,S,S] batches made ahead in
+   background threads, read from a memory-mapped cache decoded once (default location, built under a
+   lock by one process per shared folder) or decoded per sample by PIL in worker processes
 5. BatchAugment: random-resized crop, flips, rot90, colour jitter, grayscale, blur, solarise,
    noise on whole batches on any device (the GPU in the scripts), and normalize() for evaluation
 6. run plumbing the scripts share: run_main() (user errors as one line, exit 2), load_checkpoint(),
    CheckpointWriter (background atomic writes), SavePoints (wall clock, SIGTERM/SIGUSR1),
    plot_curves() and time_to_accuracy() for the learning curves
-7. `python data.py --bench ...`: images/s of the PIL path vs the cached path, and of BatchAugment
+7. `python data.py --bench ...`: loader images/s and consumer waits per epoch, and BatchAugment
 
 Typical use in a script:
-    loader = build_loader(args.data, args.data_root, "train", size=256, batch_size=64,
+    size = resolve_load_size(args.data, args.data_root, 224, args.load_size)   # e.g. 448 for AID
+    loader = build_loader(args.data, args.data_root, "train", size=size, batch_size=64,
                           shuffle=True, drop_last=True, seed=args.seed, cache=args.cache)
     augment = BatchAugment(224, hflip=0.5, vflip=0.5, rot90=0.5)
     for epoch in range(epochs):
@@ -26,12 +28,16 @@ Typical use in a script:
             views, params = augment(images.to(device, non_blocking=True))
 """
 import argparse
+import collections
+import copy
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import math
 import os
+import queue
 import random
 import shutil
 import signal
@@ -39,8 +45,9 @@ import socket
 import sys
 import threading
 import time
+import weakref
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -53,11 +60,13 @@ log = logging.getLogger("rsmim.data")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# name -> (sub-path under --data-root, number of classes). The standard archives unpack this way.
+# name -> (sub-path under --data-root, number of classes, image side in px). The standard archives
+# unpack this way: AID/<Class>/*.jpg (10,000), NWPU-RESISC45/<class>/*.jpg (31,500),
+# UCMerced_LandUse/Images/<class>/*.tif (2,100).
 DATASETS = {
-    "AID": ("AID", 30),                              # AID/<Class>/*.jpg, 10,000 images, 600 px
-    "NWPU-RESISC45": ("NWPU-RESISC45", 45),          # NWPU-RESISC45/<class>/*.jpg, 31,500, 256 px
-    "UCM": ("UCMerced_LandUse/Images", 21),          # UCMerced_LandUse/Images/<class>/*.tif, 2,100, 256 px
+    "AID": ("AID", 30, 600),
+    "NWPU-RESISC45": ("NWPU-RESISC45", 45, 256),
+    "UCM": ("UCMerced_LandUse/Images", 21, 256),
 }
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
 TEST_FRACTION = 0.2        # per class: 80% train / 20% test
@@ -95,6 +104,16 @@ def _warn(message):
         log.warning(message)
 
 
+_WARNED = set()
+
+
+def _warn_once(message):
+    """A warning printed once per run, however many loaders (train, eval splits) meet it."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        _warn(message)
+
+
 # ----------------------------------------------------------------------------------------------
 # 1. Datasets and splits
 # ----------------------------------------------------------------------------------------------
@@ -114,30 +133,63 @@ def build_dataset(name_or_path, root="./datasets", split="all", transform=None, 
     """
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    name, folder, n_classes, _ = locate(name_or_path, root)
+    if folder is None:
+        return SyntheticScenes(synthetic_images, img_size, seed, split, transform)
+    classes, samples, labels = scan_folder_tree(folder, skip_bad)
+    if n_classes is not None and len(classes) != n_classes:
+        _warn_once(f"{name} at {folder}: found {len(classes)} class folders, the dataset has {n_classes} "
+                   f"- check the download is complete")
+    return SceneDataset(name, folder, classes, samples, labels, seed, split, transform)
+
+
+def locate(name_or_path, root):
+    """(name, folder, number of classes or None, image side or None) of a dataset argument;
+    folder is None for "synthetic". Raises DataError for a missing dataset."""
     name = str(name_or_path)
     if name.lower() == "synthetic":
-        return SyntheticScenes(synthetic_images, img_size, seed, split, transform)
+        return "synthetic", None, len(SYNTHETIC_CLASSES), None
     known = {key.lower(): key for key in DATASETS}
     if name.lower() in known:
         name, root = known[name.lower()], Path(root or "./datasets").expanduser()
-        sub, n_classes = DATASETS[name]
-        folder = root / sub
-        if not folder.is_dir():
-            raise DataError(f"{name} not found: looked for {folder.resolve()} - "
+        sub, n_classes, side = DATASETS[name]
+        if not (root / sub).is_dir():
+            raise DataError(f"{name} not found: looked for {(root / sub).resolve()} - "
                             f"{_layout_help(root.resolve(), sub)}; set --data-root")
-    else:
-        folder, n_classes = Path(name).expanduser(), None
-        if not folder.is_dir():
-            looks_like_path = os.sep in name or "/" in name or name.startswith(".")
-            what = "dataset folder does not exist" if looks_like_path else "unknown dataset name"
-            raise DataError(f"{what} {name!r} (no folder {folder.resolve()}): use one of "
-                            f"{', '.join(DATASETS)}, synthetic, or a path - {_layout_help('PATH', '')}")
-        name = folder.resolve().name
-    classes, samples, labels = scan_folder_tree(folder, skip_bad)
-    if n_classes is not None and len(classes) != n_classes:
-        _warn(f"{name} at {folder}: found {len(classes)} class folders, the dataset has {n_classes} "
-              f"- check the download is complete")
-    return SceneDataset(name, folder, classes, samples, labels, seed, split, transform)
+        return name, root / sub, n_classes, side
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        looks_like_path = os.sep in name or "/" in name or name.startswith(".")
+        what = "dataset folder does not exist" if looks_like_path else "unknown dataset name"
+        raise DataError(f"{what} {name!r} (no folder {folder.resolve()}): use one of "
+                        f"{', '.join(DATASETS)}, synthetic, or a path - {_layout_help('PATH', '')}")
+    return folder.resolve().name, folder, None, None
+
+
+def resolve_load_size(name_or_path, root, crop, load_size=None, synthetic_images=1000):
+    """The decode size of training images (--load-size) for views of `crop` px: load_size when
+    given, else the dataset's image side capped at 2 x crop (AID 600 px -> 448 at crop 224; UCM and
+    NWPU -> 256), so that a random-resized crop is cut from the full-resolution image, not from one
+    already shrunk to the crop. A folder: the shorter side of its first image (a header read).
+    synthetic: 2 x crop (scenes are drawn at any size; synthetic_images only mirrors build_loader)."""
+    if load_size:
+        return int(load_size)
+    _, folder, _, side = locate(name_or_path, root)
+    if folder is None:
+        return 2 * crop
+    if side is None:
+        first = next((p for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")
+                      for p in sorted(d.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS
+                      and not p.name.startswith(".")), None)
+        if first is None:
+            raise DataError(f"no images in {folder.resolve()}: {_layout_help(folder.parent, folder.name)}")
+        try:
+            with Image.open(first) as image:   # the header only
+                side = min(image.size)
+        except (OSError, SyntaxError, ValueError) as error:
+            raise DataError(f"cannot read image {first}: {error} - replace or delete it, "
+                            f"or pass --load-size") from None
+    return min(side, 2 * crop)
 
 
 def scan_folder_tree(folder, skip_bad=False):
@@ -169,9 +221,9 @@ def scan_folder_tree(folder, skip_bad=False):
             else:
                 images.append(rel)
         if skip_bad:
-            readable = _readable(folder, images)
-            skipped += [rel for rel, ok in zip(images, readable) if not ok]
-            images = [rel for rel, ok in zip(images, readable) if ok]
+            sides = image_sides(folder, images)
+            skipped += [rel for rel, side in zip(images, sides) if not side]
+            images = [rel for rel, side in zip(images, sides) if side]
         if not images:
             raise DataError(f"empty class folder {class_dir.resolve()}: no images in it "
                             f"(extensions {' '.join(sorted(IMAGE_EXTENSIONS))}); add images or remove the folder")
@@ -179,31 +231,31 @@ def scan_folder_tree(folder, skip_bad=False):
         samples += images
         labels += [len(classes) - 1] * len(images)
     if hidden:
-        _warn(f"{folder}: ignored {len(hidden)} hidden file(s), e.g. {hidden[0]}")
+        _warn_once(f"{folder}: ignored {len(hidden)} hidden file(s), e.g. {hidden[0]}")
     if skipped:
-        _warn(f"{folder}: skip_bad skipped {len(skipped)} unreadable or non-image file(s): "
-              f"{skipped[:5]}{' ...' if len(skipped) > 5 else ''}")
+        _warn_once(f"{folder}: skip_bad skipped {len(skipped)} unreadable or non-image file(s): "
+                   f"{skipped[:5]}{' ...' if len(skipped) > 5 else ''}")
     return classes, samples, labels
 
 
-_READABLE = {}   # (path, bytes, mtime) -> decodes?  so each split's build_dataset checks a file once
+_SIDES = {}   # (path, bytes, mtime) -> shorter side, 0 if it does not decode: each file decoded once a run
 
 
-def _readable(folder, rel_paths):
-    """Which files decode fully (threads: PIL releases the GIL while decoding)."""
-    def ok(rel):
+def image_sides(folder, rel_paths):
+    """Shorter side of each file, 0 for one that does not decode fully (threads: PIL releases the
+    GIL while decoding)."""
+    def side(rel):
         stat = (folder / rel).stat()
         key = (str(folder / rel), stat.st_size, stat.st_mtime_ns)
-        if key not in _READABLE:
+        if key not in _SIDES:
             try:
-                load_rgb(folder / rel)
-                _READABLE[key] = True
+                _SIDES[key] = min(load_rgb(folder / rel).size)
             except DataError as error:
                 _warn(f"skip_bad: skipping {error}")
-                _READABLE[key] = False
-        return _READABLE[key]
+                _SIDES[key] = 0
+        return _SIDES[key]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        return list(pool.map(ok, rel_paths))
+        return list(pool.map(side, rel_paths))
 
 
 def make_splits(samples, labels, classes, seed):
@@ -283,9 +335,14 @@ def save_splits(dataset, path):
 
 def _write_atomic(path, data):
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp = _tmp_name(path)
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def _tmp_name(path):
+    """A temporary name beside `path`, unique across the hosts that share its file system."""
+    return path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -524,50 +581,41 @@ class SyntheticScenes(SceneDataset):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Loaders: PIL decoding in workers, or the memory-mapped uint8 cache
+# 4. Loaders: batches made ahead in background threads, from the uint8 cache or decoded by PIL
 # ----------------------------------------------------------------------------------------------
+# The training thread only takes finished batches: background threads gather each batch from the
+# memory-mapped cache (or assemble it from samples that PIL decodes one by one in worker
+# processes), pin it when CUDA is there and add its `batch_extras`, PREFETCH batches ahead and on
+# into the next epoch. A batch depends only on (seed, epoch, rank, batch index), never on timing:
+# resuming mid-epoch is iterating that epoch again and skipping the first k batches.
 
-class DecodedBatches(torch.utils.data.Dataset):
-    """PIL path: batch[list of positions] -> (uint8 [B,3,S,S], int64 [B]), decoded now.
-    Positions index `indices` (default: the split of `scenes`), which index all_samples."""
-
-    def __init__(self, scenes, size, max_upscale=2.0, indices=None):
-        self.scenes, self.size, self.max_upscale = scenes, size, max_upscale
-        self.indices = scenes.indices if indices is None else indices
-        self.classes, self.labels = scenes.classes, [scenes.all_labels[i] for i in self.indices]
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, positions):
-        images = np.stack([self.scenes.resized(self.indices[p], self.size, self.max_upscale)
-                           for p in positions])
-        labels = torch.tensor([self.labels[p] for p in positions], dtype=torch.int64)
-        return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), labels
+PREFETCH = 3          # batches made ahead (memory: 3 x 154 MB for 256 images of 448 px)
+GATHER_THREADS = 2    # cached path: batches gathered at once (numpy releases the GIL while copying)
+STALE_LOCK_S = 600    # a cache lock not refreshed for this long was left by a builder that died
 
 
-class CachedBatches(torch.utils.data.Dataset):
-    """Cache path: the same batches, copied out of the [N,3,S,S] uint8 memmap of the whole dataset."""
+def default_cache_dir():
+    """Where cache="auto" keeps the decoded datasets: $RSMIM_CACHE, else ~/.cache/rsmim (delete at will)."""
+    return Path(os.environ.get("RSMIM_CACHE") or "~/.cache/rsmim").expanduser()
 
-    def __init__(self, scenes, data_path, size):
-        self.scenes, self.data_path, self.size = scenes, str(data_path), size
-        self.classes, self.labels = scenes.classes, scenes.labels
-        self.indices = np.asarray(scenes.indices, dtype=np.int64)
-        self.array = None                  # opened lazily, once per worker process (never pickled)
+
+class SampleDecoder(torch.utils.data.Dataset):
+    """Index into scenes.all_samples -> uint8 [3,size,size] decoded by PIL (in a worker process).
+    A DataError is returned, not raised, so that the consumer gets its one-line message rather
+    than a worker traceback."""
+
+    def __init__(self, scenes, size, max_upscale):
+        self.scenes, self.classes, self.size, self.max_upscale = scenes, scenes.classes, size, max_upscale
 
     def __len__(self):
-        return len(self.indices)
+        return len(self.scenes.all_samples)
 
-    def __getstate__(self):
-        return dict(self.__dict__, array=None)
-
-    def __getitem__(self, positions):
-        if self.array is None:
-            n = len(self.scenes.all_samples)
-            self.array = np.memmap(self.data_path, np.uint8, "r", shape=(n, 3, self.size, self.size))
-        images = torch.from_numpy(np.ascontiguousarray(self.array[self.indices[positions]]))
-        labels = torch.tensor([self.scenes.labels[p] for p in positions], dtype=torch.int64)
-        return images, labels
+    def __getitem__(self, index):
+        try:
+            image = self.scenes.resized(index, self.size, self.max_upscale)
+        except DataError as error:
+            return error
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):
@@ -576,57 +624,181 @@ class EpochBatchSampler(torch.utils.data.Sampler):
 
     def __init__(self, index_sampler, batch_size, drop_last):
         self.index_sampler, self.batch_size, self.drop_last = index_sampler, batch_size, drop_last
+        self.epoch = 0
 
     def set_epoch(self, epoch):
-        self.index_sampler.set_epoch(epoch)
+        self.epoch = epoch
 
     def __iter__(self):
-        batch = []
-        for index in self.index_sampler:
-            batch.append(index)
-            if len(batch) == self.batch_size:
-                yield batch
-                batch = []
-        if batch and not self.drop_last:
-            yield batch
+        return self.batches(self.epoch)
+
+    def batches(self, epoch):
+        sampler = copy.copy(self.index_sampler)     # any epoch, while the loader may be reading another
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield order[start:start + self.batch_size]
 
     def __len__(self):
         n = len(self.index_sampler)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
 
-def build_loader(name_or_path, root, split, *, size, batch_size, shuffle, drop_last, seed=0,
-                 workers=4, cache=None, synthetic_images=1000, skip_bad=False, distributed=None,
-                 max_upscale=2.0, split_seed=None):
-    """DataLoader of (uint8 [B,3,size,size], int64 [B]) for one split; see the module docstring.
+class Threads:
+    """Daemon threads running submitted calls in order of submission (a daemon does not hold up
+    the interpreter's exit, unlike ThreadPoolExecutor's threads)."""
 
-    cache=None decodes with PIL in `workers` processes; cache=DIR decodes the whole dataset once
-    (in `workers` processes) into DIR/<dataset>_<size>.u8 (+ .json header) and then reads
-    batches from that memmap in the calling process.
+    def __init__(self, n):
+        self.jobs, self.n = queue.SimpleQueue(), n
+        for _ in range(n):
+            threading.Thread(target=self._run, daemon=True, name="rsmim-loader").start()
+
+    def stop(self):
+        for _ in range(self.n):
+            self.jobs.put(None)
+
+    def submit(self, fn, *args):
+        future = Future()
+        self.jobs.put((future, fn, args))
+        return future
+
+    def _run(self):
+        while (job := self.jobs.get()) is not None:
+            future, fn, args = job
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as error:     # handed to the consumer by future.result()
+                    future.set_exception(error)
+
+
+class Loader:
+    """Batches of one split: (uint8 images [B,3,S,S], int64 labels [B]), or (images, labels,
+    batch_extras(rng, B)). len() in batches; .sampler.set_epoch(e) before each epoch; .dataset
+    the SampleDecoder (.classes, .scenes). One iterator at a time."""
+
+    def __init__(self, decoder, rows, sampler, cache_array, workers, batch_extras, seed, shard):
+        self.dataset, self.sampler, self.rows, self.array = decoder, sampler, rows, cache_array
+        self.labels = torch.tensor(decoder.scenes.all_labels, dtype=torch.int64)   # by row
+        self.workers, self.batch_extras, self.seed, self.shard = workers, batch_extras, seed, shard
+        self.threads = Threads(GATHER_THREADS if cache_array is not None else 1)   # PIL path: in order
+        self.pending = collections.deque()     # ((epoch, batch index), Future), in stream order
+        self.stream = self.samples = None
+        self.buffers, self.buffers_lock = [], threading.Lock()
+        weakref.finalize(self, self.threads.stop)
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        if not self.pending or self.pending[0][0] != (epoch, 0):
+            self._restart(epoch)
+        for _ in range(len(self)):
+            _, future = self.pending.popleft()
+            self._submit()
+            yield future.result()
+
+    def _batches(self, epoch):
+        for e in itertools.count(epoch):
+            for b, positions in enumerate(self.sampler.batches(e)):
+                yield e, b, self.rows[positions]
+
+    def _restart(self, epoch):
+        for _, future in self.pending:
+            future.cancel()
+        wait([future for _, future in self.pending])      # a running batch may be reading self.samples
+        self.pending.clear()
+        self.stream = self._batches(epoch)
+        if self.array is None:                               # PIL path: the same stream, one sample at a time
+            order = (row for _, _, rows in self._batches(epoch) for row in rows)
+            self.samples = iter(torch.utils.data.DataLoader(self.dataset, batch_size=None, sampler=order,
+                                                            num_workers=self.workers))
+        self._submit()
+
+    def _submit(self):
+        while len(self.pending) < PREFETCH:
+            epoch, b, rows = next(self.stream)
+            self.pending.append(((epoch, b), self.threads.submit(self._batch, epoch, b, rows)))
+
+    def _buffer(self, shape):
+        """uint8 tensor for a batch: pinned, from CUDA's caching host allocator, or one of this
+        loader's buffers that no tensor uses any more (a fresh 154 MB allocation costs more in page
+        faults than the gather into it)."""
+        if torch.cuda.is_available():
+            return torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+        with self.buffers_lock:
+            free = next((b for b in self.buffers if b.shape == shape and sys.getrefcount(b) == 3), None)
+            if free is None:          # 3 references: the list, `b` and getrefcount's argument
+                free = np.empty(shape, np.uint8)
+                self.buffers.append(free)
+            return torch.from_numpy(free)                # holds a reference while any view lives
+
+    def _batch(self, epoch, b, rows):
+        pin = torch.cuda.is_available()
+        images = self._buffer((len(rows), 3, self.dataset.size, self.dataset.size))
+        if self.array is not None:
+            np.take(self.array, rows, axis=0, out=images.numpy(), mode="clip")   # "clip": unbuffered
+        else:
+            for image in images:
+                sample = next(self.samples)
+                if isinstance(sample, DataError):
+                    raise sample
+                image.copy_(sample)
+        labels = self.labels[torch.from_numpy(rows)]
+        labels = labels.pin_memory() if pin else labels
+        if self.batch_extras is None:
+            return images, labels
+        return images, labels, self.batch_extras(np.random.default_rng([self.seed, self.shard, epoch, b]),
+                                                 len(rows))
+
+
+def build_loader(name_or_path, root, split, *, size, batch_size, shuffle, drop_last, seed=0,
+                 workers=4, cache="auto", synthetic_images=1000, skip_bad=False, distributed=None,
+                 max_upscale=2.0, split_seed=None, batch_extras=None):
+    """Loader of (uint8 [B,3,size,size], int64 [B]) batches of one split; see section 4's note.
+
+    cache: "auto" keeps a decoded uint8 copy of the dataset at `size` in default_cache_dir()
+    (synthetic scenes are drawn instead), a folder keeps it there (see build_cache); None or "none"
+    decodes with PIL in `workers` processes every epoch.
+    skip_bad: leave out unreadable files (before the splits are drawn) and, from this loader,
+    images smaller than size / max_upscale (reported once).
     distributed=None shards over ranks when WORLD_SIZE > 1. Evaluation: shuffle=False,
-    drop_last=False, distributed=False. loader.sampler.set_epoch(epoch) before each epoch.
-    seed shuffles; split_seed (default: seed) draws the train/test split, so a run can pin its split
-    independently of its --seed."""
+    drop_last=False, distributed=False. seed shuffles; split_seed (default: seed) draws the
+    train/test split, so a run can pin its split independently of its --seed.
+    batch_extras(rng, batch_size) -> anything: per-batch random structure (masks) made off the
+    training thread; batches are then (images, labels, extras), rng =
+    np.random.default_rng([seed, rank, epoch, batch index])."""
     split_seed = seed if split_seed is None else split_seed
     scenes = build_dataset(name_or_path, root, split, seed=split_seed, img_size=size,
                            synthetic_images=synthetic_images, skip_bad=skip_bad)
-    if cache:
-        data_path = build_cache(scenes, cache, size, workers=workers, max_upscale=max_upscale)
-        batches = CachedBatches(scenes, data_path, size)
-    else:
-        batches = DecodedBatches(scenes, size, max_upscale)
+    small = too_small(scenes, size, max_upscale) if skip_bad else set()
+    rows = np.array([i for i in scenes.indices if i not in small], dtype=np.int64)
+    if cache == "auto":
+        cache = default_cache_dir() if scenes.folder is not None else None
+    decoder, array = SampleDecoder(scenes, size, max_upscale), None
+    if cache not in (None, "none"):
+        data_path = build_cache(decoder, cache, small, workers=workers)
+        array = np.memmap(data_path, np.uint8, "r", shape=(len(scenes.all_samples), 3, size, size))
     distributed = is_distributed() if distributed is None else distributed
     shards, shard = (world_size(), rank()) if distributed else (1, 0)
-    positions = torch.utils.data.DistributedSampler(batches, num_replicas=shards, rank=shard,
+    positions = torch.utils.data.DistributedSampler(range(len(rows)), num_replicas=shards, rank=shard,
                                                     shuffle=shuffle, seed=seed, drop_last=drop_last)
     sampler = EpochBatchSampler(positions, batch_size, drop_last)
-    # The cached path reads in this process: a batch is one memcpy from the page cache (~10k
-    # images/s even on 2 busy cores), cheaper than shipping it from a worker process, and it
-    # overlaps with the GPU, which runs the previous step asynchronously meanwhile.
-    workers = 0 if cache else workers
-    return torch.utils.data.DataLoader(batches, batch_size=None, sampler=sampler, num_workers=workers,
-                                       pin_memory=torch.cuda.is_available(),
-                                       persistent_workers=workers > 0)
+    return Loader(decoder, rows, sampler, array, workers, batch_extras, seed, shard)
+
+
+def too_small(scenes, size, max_upscale):
+    """Indices of images whose shorter side is below size / max_upscale (reported once a run)."""
+    if scenes.folder is None:
+        return set()
+    sides = image_sides(scenes.folder, scenes.all_samples)
+    small = {i for i, side in enumerate(sides) if side * max_upscale < size}
+    if small:
+        names = [scenes.all_samples[i] for i in sorted(small)]
+        _warn_once(f"{scenes.folder}: skip_bad left out {len(small)} image(s) smaller than {size} px / "
+                   f"max_upscale {max_upscale:g}: {names[:5]}{' ...' if len(names) > 5 else ''}")
+    return small
 
 
 def cache_paths(scenes, cache_dir, size):
@@ -635,17 +807,24 @@ def cache_paths(scenes, cache_dir, size):
     return stem.with_name(stem.name + ".u8"), stem.with_name(stem.name + ".json")
 
 
-def build_cache(scenes, cache_dir, size, *, workers=4, max_upscale=2.0, wait_s=24 * 3600):
-    """Path of the uint8 [N,3,size,size] memmap of every sample of `scenes` (all splits).
+def build_cache(decoder, cache_dir, blank=(), *, workers=4, wait_s=24 * 3600):
+    """Path of the uint8 [N,3,size,size] memmap of every sample of decoder.scenes (all splits;
+    the rows of `blank`, images left out as too small, stay zero).
 
-    Reused when its JSON header matches (format, classes, size, samples, labels, file signature);
-    otherwise rebuilt. Under torchrun the local rank 0 decodes; the other ranks wait for the
-    header, which is written last (tmp file + rename), so a header means a complete file."""
+    Reused when its JSON header matches (format, classes, size, samples, labels, file signature),
+    otherwise rebuilt by one process for all that share the folder: the local rank 0 that creates
+    the lock file <name>.lock (O_CREAT | O_EXCL: atomic on local disks, NFS and Lustre), so one per
+    node on a node-local folder, one per job on a shared file system. The others wait for the
+    header, written last (temporary file + rename): a header means a complete file. The builder
+    refreshes the lock as it goes; the next process to find a lock whose process is gone (same
+    host) or that is STALE_LOCK_S old removes it."""
+    scenes, size = decoder.scenes, decoder.size
     data_path, header_path = cache_paths(scenes, cache_dir, size)
+    lock = data_path.with_suffix(".lock")
     key, signature = scenes.cache_key()
-    expected = {"format": 1, "dataset": key, "source": str(scenes.folder), "size": size,
-                "n": len(scenes.all_samples), "classes": scenes.classes,
-                "samples": scenes.all_samples, "labels": scenes.all_labels, "signature": signature}
+    expected = {"format": 2, "dataset": key, "source": str(scenes.folder), "size": size,
+                "n": len(scenes.all_samples), "classes": scenes.classes, "samples": scenes.all_samples,
+                "labels": scenes.all_labels, "signature": signature, "blank": sorted(blank)}
 
     def matches():
         try:
@@ -655,45 +834,89 @@ def build_cache(scenes, cache_dir, size, *, workers=4, max_upscale=2.0, wait_s=2
         return (all(header.get(k) == v for k, v in expected.items())
                 and data_path.stat().st_size == expected["n"] * 3 * size * size)
 
-    if matches():
-        return data_path
-    if int(os.environ.get("LOCAL_RANK", 0)) != 0:
-        log.info(f"rank {rank()}: waiting for local rank 0 to build the cache {data_path}")
-        start = time.time()
-        while not matches():
-            if time.time() - start > wait_s:
-                raise DataError(f"timed out after {wait_s} s waiting for the cache {header_path}")
-            time.sleep(1.0)
-        return data_path
-    _write_cache(scenes, data_path, header_path, size, workers, max_upscale, expected)
+    builder, start, announced = int(os.environ.get("LOCAL_RANK", 0)) == 0, time.time(), False
+    while not matches():
+        if builder and _take_lock(lock):
+            try:
+                if not matches():                # built by the previous holder meanwhile
+                    _write_cache(decoder, data_path, header_path, expected, workers, lock)
+                return data_path
+            finally:
+                lock.unlink(missing_ok=True)
+        if time.time() - start > wait_s:
+            raise DataError(f"timed out after {wait_s} s waiting for the cache {data_path} "
+                            f"(lock {_lock_holder(lock)}): delete {lock} if no job is building it, "
+                            f"or use --cache none")
+        if not announced:
+            log.warning(f"rank {rank()}: waiting for {_lock_holder(lock) or 'local rank 0'} to build "
+                        f"the cache {data_path}")
+            announced = True
+        time.sleep(1.0)
     return data_path
 
 
-def _write_cache(scenes, data_path, header_path, size, workers, max_upscale, header):
-    start, n = time.time(), len(scenes.all_samples)
+def _lock_holder(lock):
+    try:
+        return json.loads(lock.read_text())
+    except (OSError, ValueError):                # gone, or being written
+        return {}
+
+
+def _take_lock(lock):
+    """True when this process created `lock` (host and pid inside). A stale lock is removed, to be
+    taken at the next try."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        holder = _lock_holder(lock)
+        try:
+            stale = time.time() - lock.stat().st_mtime > STALE_LOCK_S
+        except FileNotFoundError:
+            return False
+        if holder.get("host") == socket.gethostname():
+            try:
+                os.kill(holder["pid"], 0)
+            except ProcessLookupError:
+                stale = True
+            except PermissionError:              # alive, another user's
+                pass
+        if stale:
+            log.warning(f"removing the stale cache lock {lock} of {holder or 'an unknown process'}")
+            lock.unlink(missing_ok=True)
+        return False
+    with os.fdopen(fd, "w") as file:
+        file.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    return True
+
+
+def _write_cache(decoder, data_path, header_path, header, workers, lock):
+    start, n, size = time.time(), header["n"], decoder.size
     data_path.parent.mkdir(parents=True, exist_ok=True)
     need, free = n * 3 * size * size, shutil.disk_usage(data_path.parent).free
     if need > free:            # a memmap write past a full disk is a SIGBUS crash, not an error
         raise DataError(f"not enough disk space for the cache in {data_path.parent}: needs "
                         f"{need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free; use another cache folder")
     log.warning(f"building the cache {data_path}: {n} images at {size} px ({need / 2**30:.2f} GiB)")
-    tmp = data_path.with_name(f"{data_path.name}.tmp{os.getpid()}")
+    tmp, beat = _tmp_name(data_path), time.time()
     try:
         array = np.memmap(tmp, np.uint8, "w+", shape=(n, 3, size, size))
-        batches = DecodedBatches(scenes, size, max_upscale, indices=scenes.splits["all"])
-        sampler = EpochBatchSampler(range(n), 64, drop_last=False)
-        done = 0
-        for images, _ in torch.utils.data.DataLoader(batches, batch_size=None, sampler=sampler,
-                                                     num_workers=workers):
-            array[done:done + len(images)] = images.numpy()
-            done += len(images)
+        todo = [i for i in range(n) if i not in set(header["blank"])]
+        samples = torch.utils.data.DataLoader(decoder, batch_size=None, sampler=todo, num_workers=workers)
+        for i, image in zip(todo, samples):
+            if isinstance(image, DataError):
+                raise image
+            array[i] = image.numpy()
+            if time.time() - beat > 10:       # tells the waiting processes this builder is alive
+                os.utime(lock)
+                beat = time.time()
         array.flush()
         del array
         os.replace(tmp, data_path)
     finally:
         tmp.unlink(missing_ok=True)
-    header["splits"] = {k: v for k, v in scenes.splits.items() if k != "all"}   # for reading only
-    header["seed"] = scenes.seed
+    header = dict(header, splits={k: v for k, v in decoder.scenes.splits.items() if k != "all"},
+                  seed=decoder.scenes.seed)                                           # for reading only
     _write_atomic(header_path, json.dumps(header).encode())
     log.warning(f"cache {data_path} built in {time.time() - start:.1f} s")
 
@@ -702,12 +925,17 @@ def _write_cache(scenes, data_path, header_path, size, workers, max_upscale, hea
 # 5. Batched augmentation on any device, and normalisation for evaluation
 # ----------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=64)
+def _constant(values, device):
+    """[1,C,1,1] float32 tensor of `values` on `device`, made once: torch.tensor(list, device=cuda)
+    is a blocking copy, a host sync on every call."""
+    return torch.tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+
 def normalize(images_uint8, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """float32 (images / 255 - mean) / std, on the images' device (evaluation input)."""
     x = images_uint8.float() / 255.0 if images_uint8.dtype == torch.uint8 else images_uint8.float()
-    mean = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-    return (x - mean) / std
+    return (x - _constant(tuple(mean), x.device)) / _constant(tuple(std), x.device)
 
 
 def resample_weights(start, end, in_size, out_size):
@@ -737,8 +965,15 @@ def _shift_hue(x, shift):
                       torch.where(top == g, (b - r) / safe + 2, (r - g) / safe + 4)) / 6
     hue = torch.where(chroma > 0, hue, torch.zeros_like(hue))
     hue = (hue + shift) % 1.0
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + hue[:, None] * 6) % 6
+    k = (_constant((5.0, 3.0, 1.0), x.device) + hue[:, None] * 6) % 6
     return top[:, None] - chroma[:, None] * (torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+@functools.lru_cache(maxsize=16)
+def _rot90_index(size, device):
+    """[4, size*size]: row k gathers torch.rot90(image, k, (-2, -1)) from a flattened square image."""
+    grid = torch.arange(size * size, device=device).view(size, size)
+    return torch.stack([torch.rot90(grid, k, (-2, -1)).flatten() for k in range(4)])
 
 
 class BatchAugment(torch.nn.Module):
@@ -748,7 +983,9 @@ class BatchAugment(torch.nn.Module):
     weights; flips are folded into the weights) -> rot90 -> colour jitter (brightness, contrast,
     saturation, hue, in that fixed order) -> grayscale -> Gaussian blur -> solarise -> noise ->
     normalise. Crop boxes are continuous (fractional pixels), sampled as torchvision's
-    RandomResizedCrop (10 tries, then the largest centred box of allowed ratio).
+    RandomResizedCrop (10 tries, then the largest centred box of allowed ratio). An op whose
+    probability (or strength) is 0 is not computed, but its random numbers are still drawn, so that
+    the others see the same stream. No host sync: constants are made once per device.
     Randomness: the global torch RNG of the images' device.
     forward(uint8 or [0,1] float [B,3,H,W]) -> (views float32 [B,3,size,size], params) with params
     "boxes" [B,4] (x0,y0,x1,y1 in input pixels), "hflip", "vflip" bool [B], "rot90" int64 [B]."""
@@ -803,11 +1040,11 @@ class BatchAugment(torch.nn.Module):
         wy = torch.where(vflip[:, None, None], wy.flip(1), wy)
         x = wy[:, None] @ x @ wx.transpose(1, 2)[:, None]                 # [B,3,size,size]
 
-        # rot90: k quarter turns, as torch.rot90(dims=(-2,-1))
+        # rot90: k quarter turns, as torch.rot90(dims=(-2,-1)), in one gather
         turns = torch.randint(1, 4, (batch,), device=device) * draw(self.rot90)
         if self.rot90 > 0:
-            for k in (1, 2, 3):
-                x = torch.where((turns == k)[:, None, None, None], torch.rot90(x, k, (-2, -1)), x)
+            index = _rot90_index(size, device)[turns][:, None].expand(batch, 3, size * size)
+            x = x.flatten(2).gather(2, index).view(batch, 3, size, size)
 
         # colour jitter, each image with probability jitter_p (factors 1 / shift 0 otherwise)
         jittered = draw(self.jitter_p)[:, None, None, None]
@@ -815,13 +1052,18 @@ class BatchAugment(torch.nn.Module):
         factor = lambda f: torch.where(jittered, torch.empty(batch, 1, 1, 1, device=device).uniform_(max(0, 1 - f), 1 + f), 1.0)  # noqa: E731
         brightness, contrast, saturation = factor(b), factor(c), factor(s)
         shift = torch.where(jittered, torch.empty(batch, 1, 1, 1, device=device).uniform_(-hue, hue), 0.0)
-        x = (x * brightness).clamp(0, 1)
-        x = (contrast * x + (1 - contrast) * _gray(x).mean((2, 3), keepdim=True)).clamp(0, 1)
-        x = (saturation * x + (1 - saturation) * _gray(x)).clamp(0, 1)
-        if hue > 0:
+        if self.jitter_p > 0 and b > 0:
+            x = (x * brightness).clamp(0, 1)
+        if self.jitter_p > 0 and c > 0:
+            x = (contrast * x + (1 - contrast) * _gray(x).mean((2, 3), keepdim=True)).clamp(0, 1)
+        if self.jitter_p > 0 and s > 0:
+            x = (saturation * x + (1 - saturation) * _gray(x)).clamp(0, 1)
+        if self.jitter_p > 0 and hue > 0:
             x = torch.where(jittered & (shift != 0), _shift_hue(x, shift[:, :, 0]), x)
 
-        x = torch.where(draw(self.gray_p)[:, None, None, None], _gray(x).expand_as(x), x)
+        grayed = draw(self.gray_p)[:, None, None, None]
+        if self.gray_p > 0:
+            x = torch.where(grayed, _gray(x).expand_as(x), x)
 
         if self.blur_p > 0:                                                # separable Gaussian
             radius = math.ceil(3 * self.blur_sigma[1])
@@ -834,7 +1076,9 @@ class BatchAugment(torch.nn.Module):
             flat = F.conv2d(flat, kernel[:, None, :, None], groups=batch * 3)
             x = F.conv2d(flat, kernel[:, None, None, :], groups=batch * 3).view(batch, 3, size, size)
 
-        x = torch.where(draw(self.solarize_p)[:, None, None, None] & (x >= 0.5), 1 - x, x)
+        solarized = draw(self.solarize_p)[:, None, None, None]
+        if self.solarize_p > 0:
+            x = torch.where(solarized & (x >= 0.5), 1 - x, x)
         if self.noise_p > 0:
             noise = torch.randn_like(x) * self.noise_std * draw(self.noise_p)[:, None, None, None]
             x = (x + noise).clamp(0, 1)
@@ -1022,38 +1266,66 @@ def plot_curves(records, path, floor=None, size=(960, 600)):
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. Benchmark: python data.py --bench --data UCM --data-root ../shared/data --cache /tmp/rsmim-cache
+# 7. Benchmark: python data.py --bench --data AID --data-root /datasets (README: the figures)
 # ----------------------------------------------------------------------------------------------
 
+def _epoch(loader, epoch, step_s=0.0):
+    """(images/s, mean ms the consumer waited per batch) of one epoch; the consumer sleeps step_s
+    per batch (a training step that leaves the GIL, as a GPU step mostly does)."""
+    loader.sampler.set_epoch(epoch)
+    batches, waited, count, start = iter(loader), 0.0, 0, time.perf_counter()
+    while True:
+        before = time.perf_counter()
+        batch = next(batches, None)
+        waited += time.perf_counter() - before
+        if batch is None:
+            return count / (time.perf_counter() - start), waited / len(loader) * 1e3
+        count += len(batch[0])
+        time.sleep(step_s)
+
+
 def benchmark(args):
-    """images/s of one pass of the PIL path, the cache build, one pass of the cached path, BatchAugment."""
+    """Loader throughput and consumer waits (PIL path, cached path), then BatchAugment per batch."""
     torch.set_num_threads(args.threads)
-    print(f"data.py benchmark | {args.data} size {args.size} batch {args.batch_size} workers {args.workers} "
-          f"| torch threads {args.threads} | {os.cpu_count()} cpus | {time.strftime('%Y-%m-%d %H:%M')}")
-    common = dict(size=args.size, batch_size=args.batch_size, shuffle=True, drop_last=False,
-                  workers=args.workers, distributed=False)
-    for label, cache in (("PIL path   ", None), ("cached path", args.cache)):
+    size = resolve_load_size(args.data, args.data_root, args.crop, args.load_size)
+    print(f"data.py benchmark | {args.data} load size {size} crop {args.crop} batch {args.batch_size} "
+          f"workers {args.workers} | torch threads {args.threads} | {os.cpu_count()} cpus | "
+          f"{time.strftime('%Y-%m-%d %H:%M')}")
+    common = dict(size=size, batch_size=args.batch_size, shuffle=True, drop_last=True, workers=args.workers,
+                  distributed=False)
+    step_s = args.batch_size / args.step_rate
+    for label, cache, epochs in (("PIL path", "none", args.pil_epochs), ("cached path", args.cache, args.epochs)):
         start = time.time()
         loader = build_loader(args.data, args.data_root, "all", cache=cache, **common)
-        if cache:
+        if cache != "none":
             print(f"cache build: {time.time() - start:.1f} s in {cache} (instant when it is reused)")
-        start, count = time.time(), sum(len(images) for images, _ in loader)
-        print(f"{label}: {count / (time.time() - start):8.0f} images/s (one pass over {count} images)")
+        for epoch in range(epochs):
+            rate, wait_ms = _epoch(loader, epoch)
+            print(f"{label:11} epoch {epoch}: {rate:6.0f} images/s to a consumer doing nothing, "
+                  f"{wait_ms:6.1f} ms mean wait per batch")
+        if epochs:
+            rate, wait_ms = _epoch(loader, epochs, step_s)
+            print(f"{label:11} epoch {epochs}: {wait_ms:6.1f} ms mean wait per batch for a consumer "
+                  f"stepping {step_s * 1e3:.0f} ms per batch ({args.step_rate} images/s)")
+        del loader
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    augment = BatchAugment(args.crop, hflip=0.5, vflip=0.5, rot90=0.5, blur_p=0.5, solarize_p=0.2)
-    shape = (args.augment_batch, 3, args.augment_from, args.augment_from)
+    shape = (args.batch_size, 3, size, size)
     images = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
-    for step in range(2 + args.augment_steps):
-        if step == 2:                                   # after two warm-up batches
-            torch.cuda.synchronize() if device == "cuda" else None
-            start, cpu_start = time.time(), time.process_time()
-        augment(images)
-    torch.cuda.synchronize() if device == "cuda" else None
-    seconds = (time.time() - start) / args.augment_steps
-    cpu_ms = (time.process_time() - cpu_start) / args.augment_steps * 1e3
-    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    print(f"BatchAugment {'x'.join(map(str, shape))} -> {args.crop} px on {name}: {seconds * 1e3:.1f} ms "
-          f"per batch ({cpu_ms:.0f} ms process CPU time), {shape[0] / seconds:.0f} images/s")
+    for label, options in (("every op", dict(hflip=0.5, vflip=0.5, rot90=0.5, blur_p=0.5, solarize_p=0.2)),
+                           ("SelectiveMAE", dict(scale=(0.2, 1.0), hflip=0.5, vflip=0.5, rot90=0.5,
+                                                 jitter_p=0.0, gray_p=0.0))):
+        augment = BatchAugment(args.crop, **options)
+        for step in range(1 + args.augment_steps):
+            if step == 1:                                   # after one warm-up batch
+                torch.cuda.synchronize() if device == "cuda" else None
+                start, cpu_start = time.time(), time.process_time()
+            augment(images)
+        torch.cuda.synchronize() if device == "cuda" else None
+        seconds = (time.time() - start) / args.augment_steps
+        cpu_ms = (time.process_time() - cpu_start) / args.augment_steps * 1e3
+        name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+        print(f"BatchAugment {label:12} {'x'.join(map(str, shape))} -> {args.crop} px on {name}: "
+              f"{seconds * 1e3:.0f} ms per batch, {cpu_ms:.0f} ms process CPU time")
 
 
 if __name__ == "__main__":
@@ -1061,15 +1333,16 @@ if __name__ == "__main__":
     parser.add_argument("--bench", action="store_true", help="run the benchmark (the only action)")
     parser.add_argument("--data", default="UCM", help="AID, NWPU-RESISC45, UCM, synthetic or a folder path")
     parser.add_argument("--data-root", default="./datasets", help="folder holding the named datasets")
-    parser.add_argument("--cache", default="/tmp/rsmim-cache", help="cache folder for the cached path")
-    parser.add_argument("--size", type=int, default=224, help="load size of both paths (px)")
-    parser.add_argument("--batch-size", type=int, default=64, help="loader batch size")
-    parser.add_argument("--workers", type=int, default=2, help="PIL-path DataLoader worker processes")
+    parser.add_argument("--cache", default="auto", help="cache folder of the cached path (auto: default_cache_dir())")
+    parser.add_argument("--crop", type=int, default=224, help="training view size (px)")
+    parser.add_argument("--load-size", type=int, default=None, help="decode size (default: resolve_load_size)")
+    parser.add_argument("--batch-size", type=int, default=256, help="loader and BatchAugment batch size")
+    parser.add_argument("--workers", type=int, default=2, help="PIL-path worker processes")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the main process")
-    parser.add_argument("--augment-batch", type=int, default=64, help="BatchAugment batch size")
-    parser.add_argument("--augment-from", type=int, default=256, help="BatchAugment input size (px)")
-    parser.add_argument("--crop", type=int, default=224, help="BatchAugment output size (px)")
-    parser.add_argument("--augment-steps", type=int, default=5, help="timed BatchAugment batches")
+    parser.add_argument("--epochs", type=int, default=3, help="cached-path epochs to a consumer doing nothing")
+    parser.add_argument("--pil-epochs", type=int, default=1, help="PIL-path epochs (0: skip the PIL path)")
+    parser.add_argument("--step-rate", type=int, default=1250, help="images/s of the stepping consumer")
+    parser.add_argument("--augment-steps", type=int, default=3, help="timed BatchAugment batches")
     arguments = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     benchmark(arguments) if arguments.bench else parser.print_help()

@@ -1,8 +1,12 @@
-"""data.py: layouts, decoding of every image mode, errors, splits, synthetic scenes, loaders,
-the memmap cache and BatchAugment. All images are written by the tests (small, fast)."""
+"""data.py: layouts, decoding of every image mode, errors, splits, synthetic scenes, load sizes,
+loaders (prefetching, batch extras, resume), the memmap cache and BatchAugment (against the
+implementation it replaced). All images are written by the tests (small, fast)."""
+import itertools
 import json
 import logging
+import math
 import pathlib
+import threading
 
 import numpy as np
 import pytest
@@ -12,6 +16,13 @@ from PIL import Image
 
 import data
 from data import BatchAugment, DataError
+
+
+@pytest.fixture(autouse=True)
+def auto_cache(tmp_path, monkeypatch):
+    """cache="auto" (build_loader's default) writes under the test's folder, never ~/.cache."""
+    monkeypatch.setenv("RSMIM_CACHE", str(tmp_path / "auto-cache"))
+    return tmp_path / "auto-cache"
 
 
 def rgb(seed, size=(40, 40)):
@@ -125,10 +136,12 @@ def test_corrupt_and_truncated_images_name_the_file(tmp_path):
     for name in ("a/truncated.jpg", "b/garbage.png"):
         with pytest.raises(DataError, match=f"cannot read image {root / name}.*skip_bad"):
             ds[ds.samples.index(name)]
-    loader = data.build_loader(str(root), None, "all", size=32, batch_size=4, shuffle=False,
-                               drop_last=False, workers=0)
-    with pytest.raises(DataError, match="cannot read image"):
-        list(loader)
+    for workers in (0, 2):                                             # PIL path: one line, no traceback
+        loader = data.build_loader(str(root), None, "all", size=32, batch_size=4, shuffle=False,
+                                   drop_last=False, workers=workers, cache=None)
+        with pytest.raises(DataError, match="cannot read image") as error:
+            list(loader)
+        assert "\n" not in str(error.value)
     with pytest.raises(DataError, match="cannot read image"):          # cache build: same error,
         data.build_loader(str(root), None, "all", size=32, batch_size=4, shuffle=False,
                           drop_last=False, workers=0, cache=tmp_path / "cache")
@@ -158,13 +171,50 @@ def test_skip_bad_skips_and_reports_the_count(tmp_path, caplog):
 
 def test_image_smaller_than_the_requested_size(tmp_path):
     root = make_tree(tmp_path / "t", ("a", "b"), 2, size=(40, 30))
-    loader = data.build_loader(str(root), None, "all", size=64, batch_size=4, shuffle=False,
-                               drop_last=False, workers=0)        # 30 px * 2 < 64: refused
-    with pytest.raises(DataError, match=f"image {root / 'a' / 'img000.png'} is 40x30, smaller than"):
+    kwargs = dict(size=64, batch_size=4, shuffle=False, drop_last=False, workers=0)
+    message = f"image {root / 'a' / 'img000.png'} is 40x30, smaller than"   # 30 px * 2 < 64: refused
+    with pytest.raises(DataError, match=message):
+        data.build_loader(str(root), None, "all", **kwargs)                  # the cache build, at once
+    loader = data.build_loader(str(root), None, "all", cache=None, **kwargs)
+    with pytest.raises(DataError, match=message):
         next(iter(loader))
-    loader = data.build_loader(str(root), None, "all", size=64, batch_size=4, shuffle=False,
-                               drop_last=False, workers=0, max_upscale=float("inf"))
+    loader = data.build_loader(str(root), None, "all", max_upscale=float("inf"), **kwargs)
     assert next(iter(loader))[0].shape == (4, 3, 64, 64)         # upscaling on purpose works
+
+
+def test_skip_bad_leaves_out_too_small_images_reported_once(tmp_path, caplog):
+    root = make_tree(tmp_path / "t", ("a", "b"), 10, size=(40, 40), ext=".jpg")
+    rgb(7, (10, 10)).save(root / "a" / "tiny.jpg")
+    splits = data.build_dataset(str(root), skip_bad=True).splits      # drawn with the tiny image
+    kwargs = dict(size=32, batch_size=4, shuffle=False, drop_last=False, workers=0, skip_bad=True)
+    with caplog.at_level(logging.WARNING, logger="rsmim.data"):
+        loaders = {split: data.build_loader(str(root), None, split, **kwargs) for split in ("all", "train", "test")}
+        data.build_loader(str(root), None, "test", cache=None, **kwargs)
+    assert caplog.text.count("left out 1 image(s) smaller than 32 px") == 1 and "a/tiny.jpg" in caplog.text
+    assert caplog.text.count("skipped") <= 1                                 # the skip summary: once a run
+    tiny = data.build_dataset(str(root)).all_samples.index("a/tiny.jpg")
+    for split, loader in loaders.items():
+        expected = [i for i in splits[split] if i != tiny]
+        assert [int(r) for r in loader.rows] == expected and sum(len(y) for _, y in loader) == len(expected)
+    with pytest.raises(DataError, match="tiny.jpg is 10x10, smaller than"):   # without skip_bad: an error
+        data.build_loader(str(root), None, "all", **{**kwargs, "skip_bad": False})
+
+
+# ------------------------------------------------------------------------------------- load sizes
+
+def test_resolve_load_size(tmp_path):
+    make_tree(tmp_path / "AID", ("a",), 1, size=(8, 8))               # the table's size, not the files'
+    make_tree(tmp_path / "UCMerced_LandUse" / "Images", ("a",), 1, size=(8, 8))
+    assert data.resolve_load_size("AID", tmp_path, 224) == 448          # 600 px, capped at 2 x crop
+    assert data.resolve_load_size("AID", tmp_path, 400) == 600
+    assert data.resolve_load_size("UCM", tmp_path, 224) == 256
+    assert data.resolve_load_size("UCM", tmp_path, 224, load_size=300) == 300
+    folder = make_tree(tmp_path / "mine", ("x", "y"), 2, size=(90, 70))
+    (folder / "x" / ".hidden.png").write_bytes(b"not read")
+    assert data.resolve_load_size(str(folder), None, 32) == 64 and data.resolve_load_size(str(folder), None, 48) == 70
+    assert data.resolve_load_size("synthetic", None, 32) == 64
+    with pytest.raises(DataError, match="NWPU-RESISC45 not found"):
+        data.resolve_load_size("NWPU-RESISC45", tmp_path, 224)
 
 
 # ----------------------------------------------------------------------------------------- splits
@@ -233,7 +283,7 @@ def test_cache_pixels_equal_pil_path_and_cache_is_reused(tmp_path, monkeypatch):
     root = make_tree(tmp_path / "t", ("a", "b"), 6, size=(50, 44), ext=".jpg")
     Image.fromarray(np.asarray(rgb(9, (48, 48)))[..., 0]).save(root / "b" / "gray.tif")
     kwargs = dict(size=32, batch_size=5, shuffle=False, drop_last=False, workers=0)
-    plain = list(data.build_loader(str(root), None, "all", **kwargs))
+    plain = list(data.build_loader(str(root), None, "all", cache=None, **kwargs))
     cached_loader = data.build_loader(str(root), None, "all", cache=tmp_path / "cache", **kwargs)
     cached = list(cached_loader)
     assert cached_loader.dataset.classes == ["a", "b"]
@@ -249,7 +299,7 @@ def test_cache_pixels_equal_pil_path_and_cache_is_reused(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "_write_cache", lambda *a, **k: pytest.fail("cache rebuilt"))
     test_split = data.build_loader(str(root), None, "test", cache=tmp_path / "cache", **kwargs)
     assert torch.equal(torch.cat([x for x, _ in test_split]),
-                       torch.cat([x for x, _ in data.build_loader(str(root), None, "test", **kwargs)]))
+                       torch.cat([x for x, _ in data.build_loader(str(root), None, "test", cache=None, **kwargs)]))
     # a changed dataset does not match any more
     rgb(50).save(root / "a" / "new.jpg")
     with pytest.raises(pytest.fail.Exception, match="cache rebuilt"):
@@ -270,6 +320,61 @@ def test_loaders_shuffle_per_epoch_the_same_way_with_and_without_workers(tmp_pat
     cached.sampler.set_epoch(1)
     for (x, y), (cx, cy) in zip(epoch1, cached):                                      # seeded order
         assert torch.equal(x, cx) and torch.equal(y, cy)
+
+
+def masks(rng, batch_size):
+    """A batch_extras: per-batch random structure, and the thread that made it."""
+    return rng.integers(0, 1000, batch_size), threading.current_thread().name
+
+
+def test_cache_auto_and_none(tmp_path, auto_cache):
+    root = make_tree(tmp_path / "t", ("a", "b"), 4)
+    kwargs = dict(size=16, batch_size=4, shuffle=False, drop_last=False, workers=0)
+    auto = torch.cat([x for x, _ in data.build_loader(str(root), None, "all", **kwargs)])
+    assert [p.suffix for p in sorted(auto_cache.iterdir())] == [".json", ".u8"]     # the default location
+    none = torch.cat([x for x, _ in data.build_loader(str(root), None, "all", cache="none", **kwargs)])
+    assert torch.equal(auto, none)
+    data.build_loader("synthetic", None, "all", synthetic_images=20, **kwargs)      # drawn, not cached
+    assert len(list(auto_cache.iterdir())) == 2
+
+
+@pytest.mark.parametrize("cache", [None, "folder"])
+def test_batches_depend_only_on_seed_epoch_rank_and_resume_exactly(tmp_path, cache):
+    kwargs = dict(size=16, batch_size=6, shuffle=True, drop_last=True, seed=3, synthetic_images=40,
+                  workers=2, batch_extras=masks, cache=cache and tmp_path / "c")
+    loader = data.build_loader("synthetic", None, "train", **kwargs)
+    assert len(loader) == 5                                                       # 32 train images
+    epochs = []
+    for epoch in range(3):
+        loader.sampler.set_epoch(epoch)
+        epochs.append(list(loader))
+        assert loader.pending[0][0] == (epoch + 1, 0)                 # already making the next epoch
+    images, labels, (extras, thread) = epochs[1][2]
+    assert images.shape == (6, 3, 16, 16) and labels.dtype == torch.int64 and thread != "MainThread"
+    assert (extras == np.random.default_rng([3, 0, 1, 2]).integers(0, 1000, 6)).all()
+    assert not torch.equal(epochs[0][0][0], epochs[1][0][0])
+    fresh = data.build_loader("synthetic", None, "train", **{**kwargs, "workers": 0})   # no workers,
+    for epoch in (2, 1):                                                           # epochs out of order,
+        fresh.sampler.set_epoch(epoch)
+        resumed = list(itertools.islice(fresh, 2, None))                          # skipping 2 batches
+        for (x, y, (e, _)), (rx, ry, (re, _)) in zip(epochs[epoch][2:], resumed, strict=True):
+            assert torch.equal(x, rx) and torch.equal(y, ry) and (e == re).all()
+    fresh.sampler.set_epoch(0)
+    next(iter(fresh))                                                              # abandoned mid-epoch
+    fresh.sampler.set_epoch(0)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(epochs[0], fresh, strict=True))
+
+
+def test_buffers_are_reused_only_once_free(tmp_path):
+    loader = data.build_loader("synthetic", None, "all", size=8, batch_size=4, shuffle=False, drop_last=False,
+                               synthetic_images=40, workers=0, cache=tmp_path / "c")
+    kept = list(loader)                                          # every batch held: no buffer reused
+    assert len({x.data_ptr() for x, _ in kept}) == 10
+    reference = torch.cat([x for x, _ in kept])
+    del kept
+    for _ in range(3):                                           # batches dropped: a few buffers recycled
+        assert torch.equal(torch.cat([x.clone() for x, _ in loader]), reference)
+    assert len(loader.buffers) <= 10 + data.PREFETCH                # 40 batches made so far
 
 
 def test_distributed_shards_are_disjoint(monkeypatch):
@@ -349,6 +454,72 @@ def test_colour_ops_uint8_float_and_determinism():
     assert torch.allclose(normalised[:, 0], (images[:, 0] / 255 - 0.485) / 0.229)
 
 
+class ReferenceAugment(BatchAugment):
+    """BatchAugment.forward as it was before ops of probability 0 were skipped, constants cached
+    per device and rot90 made one gather: every op computed on the whole batch."""
+
+    def forward(self, images):
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        batch, _, height, width = x.shape
+        device, size = x.device, self.size
+        draw = lambda p: torch.rand(batch, device=device) < p             # noqa: E731
+        boxes = self.sample_boxes(batch, height, width, device)
+        hflip, vflip = draw(self.hflip), draw(self.vflip)
+        wx = data.resample_weights(boxes[:, 0], boxes[:, 2], width, size)
+        wy = data.resample_weights(boxes[:, 1], boxes[:, 3], height, size)
+        wx = torch.where(hflip[:, None, None], wx.flip(1), wx)
+        wy = torch.where(vflip[:, None, None], wy.flip(1), wy)
+        x = wy[:, None] @ x @ wx.transpose(1, 2)[:, None]
+        turns = torch.randint(1, 4, (batch,), device=device) * draw(self.rot90)
+        if self.rot90 > 0:
+            for k in (1, 2, 3):
+                x = torch.where((turns == k)[:, None, None, None], torch.rot90(x, k, (-2, -1)), x)
+        jittered = draw(self.jitter_p)[:, None, None, None]
+        b, c, s, hue = self.jitter
+        factor = lambda f: torch.where(jittered, torch.empty(batch, 1, 1, 1, device=device).uniform_(max(0, 1 - f), 1 + f), 1.0)  # noqa: E731
+        brightness, contrast, saturation = factor(b), factor(c), factor(s)
+        shift = torch.where(jittered, torch.empty(batch, 1, 1, 1, device=device).uniform_(-hue, hue), 0.0)
+        x = (x * brightness).clamp(0, 1)
+        x = (contrast * x + (1 - contrast) * data._gray(x).mean((2, 3), keepdim=True)).clamp(0, 1)
+        x = (saturation * x + (1 - saturation) * data._gray(x)).clamp(0, 1)
+        if hue > 0:
+            x = torch.where(jittered & (shift != 0), data._shift_hue(x, shift[:, :, 0]), x)
+        x = torch.where(draw(self.gray_p)[:, None, None, None], data._gray(x).expand_as(x), x)
+        if self.blur_p > 0:
+            radius = math.ceil(3 * self.blur_sigma[1])
+            sigma = torch.empty(batch, device=device).uniform_(*self.blur_sigma)
+            t = torch.arange(-radius, radius + 1, device=device, dtype=x.dtype)
+            kernel = torch.exp(-t ** 2 / (2 * sigma[:, None] ** 2))
+            kernel = torch.where(draw(self.blur_p)[:, None], kernel, (t == 0).to(x.dtype))
+            kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(3, 0)
+            flat = F.pad(x.reshape(1, batch * 3, size, size), [radius] * 4, mode="reflect")
+            flat = F.conv2d(flat, kernel[:, None, :, None], groups=batch * 3)
+            x = F.conv2d(flat, kernel[:, None, None, :], groups=batch * 3).view(batch, 3, size, size)
+        x = torch.where(draw(self.solarize_p)[:, None, None, None] & (x >= 0.5), 1 - x, x)
+        if self.noise_p > 0:
+            noise = torch.randn_like(x) * self.noise_std * draw(self.noise_p)[:, None, None, None]
+            x = (x + noise).clamp(0, 1)
+        params = {"boxes": boxes, "hflip": hflip, "vflip": vflip, "rot90": turns.long()}
+        return data.normalize(x, self.mean, self.std), params
+
+
+@pytest.mark.parametrize("options", [
+    dict(rot90=1.0, jitter_p=0.0, gray_p=0.0),                                   # geometry only
+    dict(scale=(0.2, 1.0), hflip=0.5, vflip=0.5, rot90=0.5, jitter_p=0.0, gray_p=0.0),   # SelectiveMAE
+    dict(jitter=(0.4, 0.0, 0.2, 0.0), jitter_p=0.8, gray_p=0.0),                  # some jitter ops at 0
+    dict(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=1.0, gray_p=0.5, blur_p=0.5, solarize_p=0.5, noise_p=0.5),
+    dict(hflip=0.5, vflip=0.5, rot90=0.75, blur_p=1.0, solarize_p=0.2),           # GSC-MIM's teacher view
+])
+def test_batch_augment_computes_what_the_reference_did(options):
+    images = torch.randint(0, 256, (12, 3, 40, 36), dtype=torch.uint8)
+    torch.manual_seed(4)
+    views, params = BatchAugment(24, **options)(images)
+    torch.manual_seed(4)
+    expected, expected_params = ReferenceAugment(24, **options)(images)
+    torch.testing.assert_close(views, expected, atol=2e-6, rtol=0)
+    assert all(torch.equal(params[k], expected_params[k]) for k in expected_params)
+
+
 def test_hue_shift_matches_a_reference():
     """A full turn of hue is the identity; a third of a turn permutes R,G,B."""
     x = torch.rand(2, 3, 5, 5)
@@ -363,7 +534,7 @@ def test_real_ucm_images(ucm_root):
     assert len(ds.classes) == 21 and len(ds) == 2100
     assert len(ds.splits["test"]) == 420 and len(ds.splits["train1"]) == 21
     loader = data.build_loader("UCM", ucm_root, "train1", size=64, batch_size=21, shuffle=False,
-                               drop_last=False, workers=0)
+                               drop_last=False, workers=0, cache=None)
     images, labels = next(iter(loader))
     assert images.shape == (21, 3, 64, 64) and sorted(labels.tolist()) == list(range(21))
     assert images.float().std() > 10
