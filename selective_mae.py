@@ -1016,6 +1016,7 @@ def checkpoint_modes(args, ckpt, path, device):
     if args.visualize or args.eval_only:
         loaders = eval_loaders(args)
         check_checkpoint(ckpt, path, scenes=loaders["test"].dataset.scenes)
+        data.save_splits(loaders["test"].dataset.scenes, out / "splits.json")
     if args.visualize:
         visualize(model, args, device, ckpt["run"]["progress"])
     if args.eval_only:
