@@ -13,7 +13,8 @@ a real per-patch HOG energy (kernels/hog.py), which is what the paper describes.
 Launch:
     python selective_mae.py                                   # CPU demo: synthetic data, ViT-Tiny, 64 px
     python selective_mae.py --data UCM --data-root ../shared/data --arch vit_small --epochs 100
-    torchrun --standalone --nproc_per_node=8 selective_mae.py --data AID --data-root /data --cache /tmp/c
+    torchrun --standalone --nproc_per_node=8 selective_mae.py --data AID --data-root /data
+    # the same command plus --resume auto continues OUT/checkpoint.pth exactly (saved every 10 min and on SIGTERM)
     # plain MAE in the same code path (the throughput baseline):
     python selective_mae.py --mask-ratio 0.75 --recon-ratio 0.75 --seed-select random \\
         --target-select random --decoder self

@@ -248,13 +248,11 @@ def test_a_rank_the_checkpoint_lacks_keeps_its_own_seed(tmp_path, capsys, monkey
 
 
 def test_two_processes_evaluate_during_training_without_deadlock(run_torchrun, tmp_path):
-    """2 gloo ranks, one epoch (4 steps each), kNN after it on rank 0 while rank 1 waits; DDP without
-    the gradient-layout warning."""
+    """2 gloo ranks, one epoch (4 steps each), kNN after it on rank 0 while rank 1 waits at a barrier."""
     proc = run_torchrun(2, "selective_mae.py", *TINY, "--epochs", "1", "--out", tmp_path, "--eval-every", "1",
                         "--synthetic-images", "80", "--no-eval", timeout=240)     # 64 train images: 4 steps per rank
     assert "world 2" in proc.stdout and "knn " in proc.stdout
     assert [r["epoch"] for r in log_records(tmp_path, "knn")] == [0] and (tmp_path / "checkpoint.pth").exists()
-    assert "grad strides do not match" not in proc.stderr
 
 
 def test_two_nodes_train_checkpoint_and_resume(tmp_path):
