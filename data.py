@@ -628,13 +628,23 @@ class EpochBatchSampler(torch.utils.data.Sampler):
 
     def set_epoch(self, epoch):
         self.epoch = epoch
+        if not self.known_ahead:          # its order depends on the epochs trained so far: set it now
+            self.index_sampler.set_epoch(epoch)
+
+    @property
+    def known_ahead(self):
+        """False for an index sampler whose order depends on training (InfoBatch prunes by the last
+        losses, `known_ahead = False`): the loader then reads no batch of the next epoch early."""
+        return getattr(self.index_sampler, "known_ahead", True)
 
     def __iter__(self):
         return self.batches(self.epoch)
 
     def batches(self, epoch):
-        sampler = copy.copy(self.index_sampler)     # any epoch, while the loader may be reading another
-        sampler.set_epoch(epoch)
+        sampler = self.index_sampler
+        if self.known_ahead:
+            sampler = copy.copy(sampler)     # any epoch, while the loader may be reading another
+            sampler.set_epoch(epoch)
         order = list(sampler)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             yield order[start:start + self.batch_size]
@@ -700,7 +710,7 @@ class Loader:
             yield future.result()
 
     def _batches(self, epoch):
-        for e in itertools.count(epoch):
+        for e in itertools.count(epoch) if self.sampler.known_ahead else (epoch,):
             for b, positions in enumerate(self.sampler.batches(e)):
                 yield e, b, self.rows[positions]
 
@@ -718,7 +728,9 @@ class Loader:
 
     def _submit(self):
         while len(self.pending) < PREFETCH:
-            epoch, b, rows = next(self.stream)
+            epoch, b, rows = next(self.stream, (None, None, None))
+            if rows is None:                  # the end of an epoch the loader cannot read past
+                return
             self.pending.append(((epoch, b), self.threads.submit(self._batch, epoch, b, rows)))
 
     def _buffer(self, shape):

@@ -22,7 +22,6 @@ import copy
 import datetime
 import functools
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -658,11 +657,6 @@ def train_step(run, images, masks, it, epoch):
     return {"loss": loss.detach(), "loss_cls": loss_cls.detach(), "loss_mim": loss_mim.detach()}
 
 
-# data.py's pipeline change (resolve_load_size, cache="auto", build_loader(batch_extras=...)) lands on
-# its own branch; until it does, the loader of this data.py is adapted to the same contract here.
-PIPELINE = "batch_extras" in inspect.signature(data.build_loader).parameters
-
-
 def ipc_batch(rng, batch, args):
     """A batch's IPC masks (bool [2B, N]: student view s1, then s2), the students' crops and [CLS]
     partners (student_view_rows), and the loss's masked-token index, teacher index and weights.
@@ -677,30 +671,16 @@ def ipc_batch(rng, batch, args):
     return torch.from_numpy(masks), index, t_index, weight, torch.from_numpy(rows), torch.from_numpy(partner)
 
 
-def loader_cache(args):
-    return args.cache if PIPELINE else None if args.cache in ("auto", "none") else args.cache
-
-
 def resolve_load_size(args):
-    if PIPELINE:
-        return data.resolve_load_size(args.data, args.data_root, args.img_size, args.load_size, args.synthetic_images)
-    return args.load_size or round(args.img_size * 8 / 7)
+    return data.resolve_load_size(args.data, args.data_root, args.img_size, args.load_size, args.synthetic_images)
 
 
 def build_train_loader(args):
-    extras = dict(batch_extras=functools.partial(ipc_batch, args=args)) if PIPELINE else {}
+    """(uint8 images, labels, ipc_batch) batches: the IPC masks are made beside the images."""
     return data.build_loader(args.data, args.data_root, "train", size=args.load_size, batch_size=args.batch_size,
                              shuffle=True, drop_last=True, seed=args.seed, split_seed=args.split_seed,
-                             workers=args.workers, cache=loader_cache(args), synthetic_images=args.synthetic_images,
-                             skip_bad=args.skip_bad, **extras)
-
-
-def epoch_batches(loader, args, epoch):
-    """(uint8 images, labels, ipc_batch) of one epoch."""
-    if PIPELINE:
-        return loader
-    return ((x, y, ipc_batch(np.random.default_rng([args.seed, args.rank, epoch, i]), len(x), args))
-            for i, (x, y) in enumerate(loader))
+                             workers=args.workers, cache=args.cache, synthetic_images=args.synthetic_images,
+                             skip_bad=args.skip_bad, batch_extras=functools.partial(ipc_batch, args=args))
 
 
 def dataset_and_digest(args):
@@ -913,7 +893,7 @@ def train(args):
         sums = sums0 or {k: torch.zeros((), device=args.device) for k in ("loss", "loss_cls", "loss_mim")}
         n_done = start_step if sums0 else 0
         sums0, t_epoch = None, time.time()
-        for it, (images, _, masks) in enumerate(epoch_batches(loader, args, epoch)):
+        for it, (images, _, masks) in enumerate(loader):
             if it < start_step:  # mid-epoch resume: skip the batches already trained on
                 continue
             if pending_rng is not None:  # mid-epoch: restore after the loader iterator drew its seeds
@@ -951,7 +931,7 @@ def train(args):
 def extract_features(backbone, split, args):
     loader = data.build_loader(args.data, args.data_root, split, size=args.img_size, batch_size=args.batch_size,
                                shuffle=False, drop_last=False, seed=args.seed, split_seed=args.split_seed,
-                               workers=args.workers, cache=loader_cache(args), synthetic_images=args.synthetic_images,
+                               workers=args.workers, cache=args.cache, synthetic_images=args.synthetic_images,
                                skip_bad=args.skip_bad, distributed=False)
     backbone.eval()
     feats, labels = [], []
@@ -1117,7 +1097,7 @@ def bench_data_side(args):
     """Host ms per step of the data side, outside the model: waiting for a training batch of the real
     loader (decode or cache read, and the IPC masks in its workers), and the IPC masks alone."""
     loader = build_train_loader(args)
-    batches = iter(epoch_batches(loader, args, 0))
+    batches = iter(loader)
     next(batches)  # the workers start
     n = max(1, min(args.bench, len(loader) - 1))
     t0 = time.perf_counter()

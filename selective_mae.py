@@ -14,7 +14,8 @@ a real per-patch HOG energy (kernels/hog.py), which is what the paper describes.
 Launch:
     python selective_mae.py                                   # CPU demo: synthetic data, ViT-Tiny, 64 px
     python selective_mae.py --data UCM --data-root ../shared/data --arch vit_small --epochs 100
-    torchrun --standalone --nproc_per_node=8 selective_mae.py --data AID --data-root /data --cache /tmp/c
+    torchrun --standalone --nproc_per_node=8 selective_mae.py --data AID --data-root /data
+    # the same command plus --resume auto continues OUT/checkpoint.pth exactly (saved every 10 min and on SIGTERM)
     # plain MAE in the same code path (the throughput baseline):
     python selective_mae.py --mask-ratio 0.75 --recon-ratio 0.75 --seed-select random \\
         --target-select random --decoder self
@@ -25,6 +26,7 @@ Launch:
 """
 import argparse
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -55,9 +57,13 @@ def get_args_parser():
                    "--eval-only/--export/--visualize, the checkpoint's data")
     g.add_argument("--data-root", default="./datasets", help="where the named datasets live")
     g.add_argument("--img-size", type=int, default=None, help="crop size (paper 224; demo 64)")
+    g.add_argument("--load-size", type=int, default=None,
+                   help="decode size the training crops are taken from (default: native, at most 2x --img-size)")
     g.add_argument("--synthetic-images", type=int, default=None, help="size of the synthetic dataset (1000)")
+    g.add_argument("--split-seed", type=int, default=0, help="seed of the train/test split; stored in the checkpoint")
     g.add_argument("--workers", type=int, default=None, help="loader workers per process (8; demo 0)")
-    g.add_argument("--cache", default=None, help="folder for the decoded uint8 memmap cache (fast path)")
+    g.add_argument("--cache", default="auto",
+                   help="uint8 cache of the decoded dataset: auto (default location), none, or a folder")
     g.add_argument("--skip-bad", action="store_true", help="log and skip unreadable images instead of failing")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default=None, choices=list(ARCHS), help="encoder (paper vit_base; demo vit_tiny)")
@@ -104,34 +110,62 @@ def get_args_parser():
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="run folder (runs/selective_mae_<data>; the checkpoint's folder for "
                    "--eval-only/--export/--visualize)")
-    g.add_argument("--resume", default=None, help="checkpoint path or 'auto' (OUT/checkpoint.pth if present)")
-    g.add_argument("--eval-only", default=None, metavar="CKPT", help="evaluate a checkpoint and exit")
-    g.add_argument("--export", default=None, metavar="CKPT", help="write OUT/backbone.pth (timm ViT keys)")
-    g.add_argument("--visualize", default=None, metavar="CKPT", help="write OUT/visualize.png and exit")
+    g.add_argument("--resume", default=None, help="checkpoint path, or 'auto' (OUT/checkpoint.pth if present); "
+                   "exact: the same per-step losses as an uninterrupted run")
+    g.add_argument("--save-every", type=float, default=10, metavar="MINUTES",
+                   help="checkpoint every MINUTES of wall clock (0: only at the end and at --max-steps); always "
+                   "at the next step after SIGTERM/SIGUSR1, then exit 0")
+    g.add_argument("--eval-every", type=int, default=None, metavar="EPOCHS",
+                   help="20-NN accuracy every EPOCHS epochs into OUT/log.jsonl and OUT/curves.png (default: about "
+                   "5 per run; 0: off)")
+    g.add_argument("--eval-only", default=None, metavar="CKPT",
+                   help="evaluate CKPT: data, split and model from the checkpoint; results beside it unless --out")
+    g.add_argument("--export", default=None, metavar="CKPT",
+                   help="write the backbone of CKPT with timm names to backbone.pth beside it unless --out")
+    g.add_argument("--visualize", default=None, metavar="CKPT", help="write visualize.png for CKPT beside it unless --out")
     g.add_argument("--bench", type=int, default=0, metavar="STEPS", help="benchmark STEPS steps on random tensors")
     g.add_argument("--no-eval", action="store_true", help="no evaluation after training (smoke runs)")
     g.add_argument("--eval-feat", default="cls", choices=["cls", "cls+avg"], help="evaluation features")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"], help="autocast (bf16 on GPU, none on CPU)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (per-rank offset added)")
+    g.add_argument("--seed", type=int, default=0, help="seed of initialisation, augmentation and selection (+ rank)")
     g.add_argument("--log-every", type=int, default=None, help="log line every N steps (20; demo 5)")
     g.add_argument("--max-steps", type=int, default=None, help="stop (and checkpoint) after this many steps")
     return p
 
 
+def parse_args(argv):
+    """(args, the flags the command line sets): checkpoint modes take the others from the checkpoint."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS   # parsed again, the namespace holds only what was given
+    return args, set(vars(parser.parse_args(argv)))
+
+
+SCRIPT = "selective_mae.py"   # a checkpoint says which script wrote it
 MODEL_KEYS = ("arch", "depth", "patch_size", "img_size", "decoder", "decoder_depth", "decoder_width",
               "decoder_heads", "mask_ratio", "recon_ratio", "seed_select", "psts_rounds", "target_select",
               "adaptive_budget", "budget_quantile", "budget_max", "norm_pix_loss", "epochs")
+# what --eval-only/--export/--visualize take from the checkpoint unless given; a different --data or
+# --split-seed is refused (another split would put pretraining images in the test split)
+CHECKPOINT_DATA_KEYS = ("data", "split_seed", "synthetic_images", "skip_bad", "data_root", "batch_size",
+                        "workers", "cache", "seed")
 
 
-def resolve_args(args, saved=None):
+def resolve_args(args, saved=None, explicit=()):
     """Fill None sentinels: paper settings with --data, the CPU demo without (explicit flags win).
-    saved = the args of the checkpoint given to --eval-only/--export/--visualize: its model flags
-    win; without --data its data is used (not the demo's); without --out, OUT = its folder."""
-    if saved is not None and args.data is None:
-        args.data, args.data_root = saved["data"], saved["data_root"]
-        for k in ("synthetic_images", "cache", "workers"):
-            setattr(args, k, saved[k] if getattr(args, k) is None else getattr(args, k))
+    saved = the args of the checkpoint given to --eval-only/--export/--visualize: its data, split and
+    model flags are used; an explicit flag wins only where safe (--data-root if the dataset moved,
+    --batch-size, --workers, --cache, --seed of the random-init floor); without --out, OUT = its folder."""
+    if saved is not None:
+        for k in CHECKPOINT_DATA_KEYS:
+            if k not in explicit:
+                setattr(args, k, saved[k])
+            elif k in ("data", "split_seed") and str(getattr(args, k)).lower() != str(saved[k]).lower():
+                raise data.UserError(f"--{k.replace('_', '-')} {getattr(args, k)} differs from the checkpoint's "
+                                     f"{saved[k]}: evaluating another split would put pretraining images in the "
+                                     f"test split; leave the flag out")
     demo = args.data is None
     defaults = dict(arch="vit_tiny", img_size=64, patch_size=8, epochs=6, batch_size=32, warmup_epochs=1,
                     decoder_depth=4, workers=0, synthetic_images=400, log_every=5, blr=5e-3, infobatch=0) if demo else dict(
@@ -152,6 +186,8 @@ def resolve_args(args, saved=None):
         for k in MODEL_KEYS:
             setattr(args, k, saved[k])
         args.out = args.out or str(Path(args.eval_only or args.export or args.visualize).parent)
+    if args.eval_every is None:
+        args.eval_every = max(1, args.epochs // 5)
     if args.out is None:
         args.out = f"runs/selective_mae_{Path(str(args.data)).name}"
     return args
@@ -528,14 +564,17 @@ def build_optimizer(model, args, lr):
 
 # ---------------------------------------------------------------------------------- distributed
 def setup_distributed():
-    """torchrun env -> process group (NCCL on GPU, gloo on CPU). Returns (rank, world, device).
-    3 h timeout: the other ranks wait at the final barrier while rank 0 evaluates (NCCL's default
-    10 min watchdog would abort them on a large dataset)."""
+    """torchrun env -> process group (NCCL on GPU, gloo on CPU). Returns (global rank, world, device);
+    the device index is the LOCAL rank (one node's GPUs), logging and checkpoints are global rank 0's.
+    3 h timeout: the other ranks wait at a barrier while rank 0 evaluates (NCCL's default 10 min
+    watchdog would abort them on a large dataset)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
+        torch.backends.cudnn.benchmark = True            # fixed shapes: pick the fastest kernels once
+        torch.set_float32_matmul_precision("high")       # TF32 fp32 matmuls (cuDNN's TF32 is on by default)
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
@@ -553,15 +592,16 @@ def all_mean(t):
 
 def rng_state():
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}   # this rank's GPU
 
 
 def set_rng_state(s):
+    """.cpu(): torch and CUDA take CPU ByteTensors only, whatever map_location loaded them."""
     random.setstate(s["python"])
     np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
+    torch.set_rng_state(s["torch"].cpu())
     if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+        torch.cuda.set_rng_state(s["cuda"].cpu())
 
 
 def rng_neutral(fn, device):
@@ -582,6 +622,8 @@ class InfoBatch:
     It is the loader's index sampler (set_epoch, __iter__, __len__): every rank draws the same
     order from (seed, epoch) and takes its shard as DistributedSampler(drop_last) does; per-sample
     losses are all-gathered every step, so every rank holds the same scores and prunes the same."""
+    known_ahead = False   # data.EpochBatchSampler: the order of epoch e exists only once e - 1 is trained
+
     def __init__(self, n, epochs, prune_ratio, delta, seed, rank, world, device):
         self.keep = min(1.0, max(0.1, 1.0 - prune_ratio))          # official clamp
         self.stop, self.seed, self.rank, self.world = delta * epochs, seed, rank, world
@@ -636,146 +678,239 @@ class InfoBatch:
 
 
 # ------------------------------------------------------------------------------------ train loop
-def save_checkpoint(path, model, optimizer, scaler, args, epoch, step_in_epoch, global_step, method):
-    """Atomic (tmp + os.replace). RNG states of every rank are gathered so each resumes its own."""
+def split_digest(scenes):
+    """Fingerprint of the train/test split (relative paths, labels): a resumed or evaluated run must
+    see the split it was trained on, or pretraining images would land in the test split."""
+    split = {s: [(scenes.all_samples[i], scenes.all_labels[i]) for i in scenes.splits[s]] for s in ("train", "test")}
+    return hashlib.sha1(json.dumps([scenes.name, scenes.classes, split]).encode()).hexdigest()
+
+
+def check_checkpoint(ckpt, path, args=None, scenes=None):
+    """UserError unless `path` was written by this script; with this run's args (--resume), unless
+    its model flags, data and split seed are this run's; with scenes, unless the split is its split."""
+    script = ckpt.get("script", "an older version or another script")
+    if script != SCRIPT:
+        raise data.UserError(f"{path} is a checkpoint of {script}, not of this {SCRIPT}: use it with that script")
+    saved = ckpt["args"]
+    diff = [f"--{k.replace('_', '-')} {saved[k]} (this run: {getattr(args, k)})" for k in ("data", "split_seed",
+            *MODEL_KEYS) if args is not None and str(saved[k]).lower() != str(getattr(args, k)).lower()]
+    if diff:
+        raise data.UserError(f"{path} is a {saved['arch']}/{saved['patch_size']} {saved['img_size']}px checkpoint "
+                             f"trained with {', '.join(diff)}: resume with the checkpoint's flags")
+    if scenes is not None and ckpt["split"] != split_digest(scenes):
+        raise data.UserError(f"the {scenes.name} data found now is not the dataset {path} was trained on (its "
+                             f"train/test split differs): point --data-root at that dataset")
+
+
+def save_checkpoint(writer, path, stateful, args, split, run):
+    """Every rank's RNG state is gathered (a collective) so each resumes its own; global rank 0 hands
+    the state to the background writer, which makes a host copy before this returns."""
     states = [rng_state()]
     if dist.is_initialized():
         states = [None] * dist.get_world_size()
         dist.all_gather_object(states, rng_state())
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return
-    ckpt = {"model": model.state_dict(), "teacher": None,  # MAE has no teacher: evaluation uses model.encoder
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-            "step_in_epoch": step_in_epoch, "global_step": global_step, "args": vars(args),
-            "rng": states, "method": method}
-    tmp = str(path) + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+        if dist.get_rank() != 0:
+            return
+    writer.wait()
+    previous_ms = writer.write_ms
+    writer.save({"script": SCRIPT, **{k: v.state_dict() for k, v in stateful.items()}, "args": vars(args),
+                 "split": split, "rng": states, "run": run}, path)
+    print(f"checkpoint {path} at epoch {run['epoch']} step {run['step_in_epoch']}: snapshot "
+          f"{writer.snapshot_ms:.0f} ms (previous write {previous_ms:.0f} ms, in the background)", flush=True)
+
+
+def read_log(path):
+    return [json.loads(line) for line in open(path)] if Path(path).exists() else []
+
+
+def write_log(path, records, mode="a"):
+    with open(path, mode) as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def draw_curves(log_path, png_path):
+    records = read_log(log_path)
+    data.plot_curves(records, png_path, floor=next((r["knn_floor"] for r in records if "knn_floor" in r), None))
+
+
+def watch_knn(encoder, key, record, args, device, loaders, out):
+    """Global rank 0 (the one with loaders) logs record + {key: 20-NN accuracy of encoder} and redraws
+    OUT/curves.png; the others wait. RNG forked, train/eval mode restored: exact resume unaffected."""
+    if loaders is not None:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            training = encoder.training
+            record[key] = knn_accuracy(encoder, loaders, args, device)
+            encoder.train(training)
+        write_log(out / "log.jsonl", [record])
+        draw_curves(out / "log.jsonl", out / "curves.png")
+        print(f"{key} {record[key]:.2f}%", flush=True)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def train_step(model, core, optimizer, scaler, augment, images, stage_probs, args, weigh=None):
+    """One update from a uint8 batch: crops, HOG scores, selection, loss, AdamW step. The model gives
+    one loss per image; weigh(losses) reduces them (InfoBatch), else their mean. Returns the loss (a
+    device tensor: no host sync) and the host seconds spent on augmentation and HOG calls."""
+    start = time.perf_counter()
+    views, _ = augment(images)
+    scores = hog_patch_scores(views, args.patch_size, core.uses_scores)
+    host_s = time.perf_counter() - start
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    with torch.autocast(images.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        losses = model(views, scores, stage_probs)[0]
+    loss = weigh(losses) if weigh else losses.mean()
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    nn.utils.clip_grad_norm_(core.parameters(), args.clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach(), host_s
+
+
+def train_augment(args):
+    return data.BatchAugment(args.img_size, scale=(0.2, 1.0), hflip=0.5, vflip=0.5, rot90=0.5,
+                             jitter_p=0.0, gray_p=0.0)   # RRC from the --load-size decode + flips + 90-degree turns
 
 
 def train(args, rank, world, device):
+    """Pretrain; returns (model, finished). Checkpoints (OUT/checkpoint.pth) by wall clock, at the
+    end, at --max-steps and on SIGTERM/SIGUSR1; --resume continues exactly, mid-epoch included."""
     out = Path(args.out)
-    loader = data.build_loader(args.data, args.data_root, "train", size=args.img_size, batch_size=args.batch_size,
-                               shuffle=True, drop_last=True, seed=args.seed, workers=args.workers, cache=args.cache,
-                               synthetic_images=args.synthetic_images, skip_bad=args.skip_bad, distributed=world > 1)
-    augment = data.BatchAugment(args.img_size, scale=(0.2, 1.0), hflip=0.5, vflip=0.5, rot90=0.5,
-                                jitter_p=0.0, gray_p=0.0).to(device)   # RRC + flips + 90-degree turns
+    loader = data.build_loader(args.data, args.data_root, "train", size=args.load_size, batch_size=args.batch_size,
+                               shuffle=True, drop_last=True, seed=args.seed, split_seed=args.split_seed,
+                               workers=args.workers, cache=args.cache, synthetic_images=args.synthetic_images,
+                               skip_bad=args.skip_bad, distributed=world > 1)
+    scenes = loader.dataset.scenes
+    if rank == 0:
+        data.save_splits(scenes, out / "splits.json")
+    augment = train_augment(args).to(device)
     model = SelectiveMAE(args).to(device)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:   # drop_last with fewer training images per rank than one batch
-        raise SystemExit(f"{args.data}: fewer training images per process than --batch-size {args.batch_size} "
-                         f"(world {world}); lower --batch-size")
-    infobatch = InfoBatch(len(loader.dataset), args.epochs, args.infobatch_prune, args.infobatch_delta, args.seed,
-                          rank, world, device) if args.infobatch else None
-    if infobatch:
-        loader.sampler.index_sampler = infobatch    # data.EpochBatchSampler batches its shard
-    total_steps = args.epochs * steps_per_epoch     # unpruned: schedules run on epoch progress
+        raise data.UserError(f"{args.data}: fewer training images per process than --batch-size {args.batch_size} "
+                             f"(world {world}); lower --batch-size")
+    total_steps = args.epochs * steps_per_epoch     # unpruned: the schedules run on epoch progress
     lr = learning_rate(args, args.batch_size * world)
     lrs = cosine_schedule(lr, total_steps, args.warmup_epochs * steps_per_epoch)
     stages = stage_schedule(args.epochs, steps_per_epoch, device)
     optimizer = build_optimizer(model, args, lr)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    start_epoch, start_step, global_step, method = 0, 0, 0, {}
+    stateful = {"model": model, "optimizer": optimizer, "scaler": scaler}   # each saved and restored by state_dict
+    infobatch = None
+    if args.infobatch:   # the loader's index sampler: it prunes each epoch's order at set_epoch
+        infobatch = InfoBatch(len(loader.rows), args.epochs, args.infobatch_prune, args.infobatch_delta, args.seed,
+                              rank, world, device)
+        loader.sampler.index_sampler = stateful["infobatch"] = infobatch
+    run = {"epoch": 0, "step_in_epoch": 0, "steps_done": 0, "time_s": 0.0, "images_seen": 0, "loss_sum": 0.0,
+           "n_steps": 0}
     ckpt_path = out / "checkpoint.pth"
     resume = ckpt_path if args.resume == "auto" and ckpt_path.exists() else args.resume
-    if resume and resume != "auto":
-        ckpt = torch.load(resume, map_location="cpu", weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, start_step, global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
-        method = ckpt["method"]
-        if infobatch and method.get("infobatch"):
-            infobatch.load_state_dict(method["infobatch"])
-        set_rng_state(ckpt["rng"][rank if rank < len(ckpt["rng"]) else 0])
-        if rank == 0:
-            print(f"resumed {resume}: epoch {start_epoch} step {start_step} (global {global_step})")
+    fresh = not resume or resume == "auto"
+    if fresh and rank == 0:
+        (out / "log.jsonl").unlink(missing_ok=True)   # a new run, a new log
+    if not fresh:
+        ckpt = data.load_checkpoint(resume)
+        check_checkpoint(ckpt, resume, args, scenes)
+        for name, obj in stateful.items():
+            obj.load_state_dict(ckpt[name])
+        run = ckpt["run"]
+        if rank < len(ckpt["rng"]):   # a rank the checkpoint did not have keeps its seed + rank streams
+            set_rng_state(ckpt["rng"][rank])
+        if rank == 0:   # records after the checkpoint are logged again
+            kept = [r for r in read_log(out / "log.jsonl") if r.get("step", 0) <= run["steps_done"]]
+            write_log(out / "log.jsonl", kept, "w")
+            print(f"resumed {resume}: epoch {run['epoch']} step {run['step_in_epoch']}")
+    last = args.max_steps or math.inf   # optimizer steps (fewer than total_steps under InfoBatch)
     if rank == 0:
-        print(f"SelectiveMAE {args.arch}/{args.patch_size} {args.img_size}px: N={model.num_patches} "
-              f"K={model.n_keep} R={model.n_targets} decoder={args.decoder} lr={lr:.3g} "
-              f"{steps_per_epoch} steps/epoch x {args.epochs} epochs, world {world}, {device}")
+        print(f"SelectiveMAE {args.arch}/{args.patch_size} {args.img_size}px crops of {args.load_size}px: "
+              f"N={model.num_patches} K={model.n_keep} R={model.n_targets} decoder={args.decoder} lr={lr:.3g} "
+              f"{steps_per_epoch} steps/epoch x {args.epochs} epochs, world {world}, {device}"
+              + (f", InfoBatch prune {args.infobatch_prune} until epoch {infobatch.stop:g}" if infobatch else ""))
     core = model
     if args.compile:
         model = torch.compile(model)
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    t_start, images_seen = time.time(), 0
-    for epoch in range(start_epoch, args.epochs):
+    if world > 1:   # grads as views of the buckets: no copy, and no bucket-stride mismatch warning
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                    gradient_as_bucket_view=True)
+    writer, save_points = data.CheckpointWriter(), data.SavePoints(args.save_every, device)
+    eval_sets = eval_loaders(args, ("train", "test")) if rank == 0 and args.eval_every else None
+    if args.eval_every and fresh:
+        watch_knn(random_init_encoder(args, device) if rank == 0 else None, "knn_floor", {}, args, device,
+                  eval_sets, out)
+    t_start, images_seen, done = time.time() - run["time_s"], run["images_seen"], run["steps_done"]
+    for epoch in range(run["epoch"], args.epochs):
+        first = run["step_in_epoch"] if epoch == run["epoch"] else 0
         model.train()
         loader.sampler.set_epoch(epoch)
-        batches = rng_neutral(lambda: iter(loader), device)
-        loss_sum = torch.zeros((), device=device) + method.get("loss_sum", 0.0)
-        n_steps = n_resumed = method.get("n_steps", 0)
-        method = {}
-        t_epoch = time.time()
         n_it = len(loader)           # fewer than steps_per_epoch in InfoBatch's pruned epochs
-        for it in range(n_it):
+        batches = rng_neutral(lambda: iter(loader), device)
+        for _ in range(first):       # resumed mid-epoch: the same sampler order, skip what was done
+            rng_neutral(lambda: next(batches), device)
+        loss_sum = torch.zeros((), device=device) + (run["loss_sum"] if first else 0.0)
+        n_steps = run["n_steps"] if first else 0
+        for it in range(first, n_it):
             images, _ = rng_neutral(lambda: next(batches), device)
-            if it < start_step:      # resumed mid-epoch: the same sampler order, skip what was done
-                continue
             step = epoch * steps_per_epoch + it * steps_per_epoch // n_it   # lr, PSTS: by epoch progress
             for g in optimizer.param_groups:
                 g["lr"] = lrs[step]
-            images = images.to(device, non_blocking=True)
-            views, _ = augment(images)
-            scores = hog_patch_scores(views, args.patch_size, core.uses_scores)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                losses = model(views, scores, stages[step])[0]
-            loss = infobatch.weighted_loss(losses, infobatch.batch_indices(it, args.batch_size)) if infobatch \
-                else losses.mean()
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(core.parameters(), args.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += loss.detach()
-            n_steps += 1
-            global_step += 1
+            weigh = (lambda losses: infobatch.weighted_loss(losses, infobatch.batch_indices(it, args.batch_size))) \
+                if infobatch else None
+            loss, _ = train_step(model, core, optimizer, scaler, augment, images.to(device, non_blocking=True),
+                                 stages[step], args, weigh)
+            loss_sum += loss
+            n_steps, done = n_steps + 1, done + 1
             images_seen += images.shape[0] * world
-            if global_step % args.log_every == 0 or it == n_it - 1:
-                l = all_mean(loss.detach()).item()   # the only host sync of the step, when logging
-                rate = images_seen / (time.time() - t_start)
-                eta = (total_steps - global_step) * args.batch_size * world / max(rate, 1e-9)
+            end_of_epoch = it == n_it - 1
+            if done % args.log_every == 0 or end_of_epoch:
+                l = all_mean(loss).item()   # the only host sync of the step, when logging
+                if not math.isfinite(l):
+                    raise data.UserError(f"loss is {l} at step {done}: lower --lr / --blr, or use --amp bf16")
+                rate = (images_seen - run["images_seen"]) / (time.time() - t_start - run["time_s"])
+                eta = (total_steps - step - 1) * args.batch_size * world / max(rate, 1e-9)
                 if rank == 0:
                     print(f"epoch {epoch} step {it + 1}/{n_it} loss {l:.4f} lr {lrs[step]:.3g} "
                           f"psts {psts_stage(step / total_steps)[0]} {rate:.1f} img/s eta {eta / 60:.1f} min",
                           flush=True)
-            if args.max_steps and global_step >= args.max_steps and it + 1 < n_it:
-                save_checkpoint(ckpt_path, core, optimizer, scaler, args, epoch, it + 1, global_step,
-                                {"loss_sum": all_mean(loss_sum).item(), "n_steps": n_steps,   # PSTS stage: a
-                                 "psts_stage": psts_stage((step + 1) / total_steps)[0],       # function of step
-                                 "infobatch": infobatch and infobatch.state_dict()})
+            if end_of_epoch:
+                record = {"epoch": epoch, "step": done, "time_s": round(time.time() - t_start, 2), "images_seen":
+                          images_seen, "loss": all_mean(loss_sum / n_steps).item(), "lr": float(lrs[step])}
                 if rank == 0:
-                    print(f"--max-steps {args.max_steps} reached: checkpoint at epoch {epoch} step {it + 1}")
-                return core, False
-        start_step = 0
-        epoch_loss = all_mean(loss_sum / max(n_steps, 1)).item()
-        save_checkpoint(ckpt_path, core, optimizer, scaler, args, epoch + 1, 0, global_step,
-                        {"psts_stage": psts_stage((epoch + 1) / args.epochs)[0],
-                         "infobatch": infobatch and infobatch.state_dict()})
-        if rank == 0:
-            record = {"epoch": epoch, "loss": epoch_loss, "lr": float(lrs[(epoch + 1) * steps_per_epoch - 1]),
-                      "psts": psts_stage(epoch / args.epochs)[0], "steps": global_step,
-                      "epoch_s": round(time.time() - t_epoch, 2),
-                      "img_per_s": round((n_steps - n_resumed) * args.batch_size * world / (time.time() - t_epoch), 1)}
-            with open(out / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-        if args.max_steps and global_step >= args.max_steps:
-            if rank == 0:
-                print(f"--max-steps {args.max_steps} reached: checkpoint at the end of epoch {epoch}")
-            return core, False
+                    write_log(out / "log.jsonl", [record])
+                if args.eval_every and (epoch + 1) % args.eval_every == 0:
+                    watch_knn(core.encoder, "knn", {k: record[k] for k in ("epoch", "step", "time_s", "images_seen")},
+                              args, device, eval_sets, out)
+            save, stop = save_points.check(done)
+            at = (epoch + 1, 0) if end_of_epoch else (epoch, it + 1)
+            if save or done == last or (end_of_epoch and epoch == args.epochs - 1):
+                save_checkpoint(writer, ckpt_path, stateful, args, split_digest(scenes),
+                                {"epoch": at[0], "step_in_epoch": at[1], "steps_done": done,
+                                 "progress": (step + 1) / total_steps, "time_s": time.time() - t_start,
+                                 "images_seen": images_seen, "loss_sum": all_mean(loss_sum).item(),
+                                 "n_steps": n_steps})
+            if stop or done == last:
+                writer.wait()
+                finished = at == (args.epochs, 0)
+                if rank == 0 and stop:
+                    print(f"preempted ({save_points.signal or 'signal to another rank'}): checkpoint {ckpt_path} at "
+                          f"epoch {at[0]} step {at[1]}; resume with the same command plus --resume auto", flush=True)
+                elif rank == 0 and not finished:
+                    print(f"--max-steps {args.max_steps} reached: checkpoint at epoch {at[0]} step {at[1]}")
+                return core, finished and not stop
+    writer.wait()
     return core, True
 
 
 # ------------------------------------------------------------------------------------- evaluate
 @torch.no_grad()
 def extract_features(encoder, loader, device, feat):
+    """L2-normalised eval-mode features at --img-size (bf16 autocast on a GPU)."""
     encoder.eval()
     feats, labels = [], []
     for images, y in loader:
-        x = encoder(data.normalize(images.to(device)))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            x = encoder(data.normalize(images.to(device)))
         f = x[:, 0] if feat == "cls" else torch.cat([x[:, 0], x[:, 1:].mean(1)], dim=1)
         feats.append(F.normalize(f.float(), dim=1).cpu())
         labels.append(y)
@@ -809,29 +944,46 @@ def knn_classify(train_f, train_y, test_f, test_y, n_classes, k=20, temp=0.07):
     return 100.0 * correct / len(test_f)
 
 
-def evaluate(encoder, args, device):
-    """linear@1%, linear@100%, kNN for the trained encoder and a random-init one (the floor)."""
-    def loader(split):
-        return data.build_loader(args.data, args.data_root, split, size=args.img_size, batch_size=64,
-                                 shuffle=False, drop_last=False, seed=args.seed, workers=args.workers,
-                                 cache=args.cache, synthetic_images=args.synthetic_images, skip_bad=args.skip_bad,
-                                 distributed=False)
-    loaders = {s: loader(s) for s in ("train", "train1", "test")}
+def eval_loaders(args, splits=("train", "train1", "test")):
+    """Evaluation loaders of the run's split, resized to --img-size, not sharded."""
+    return {s: data.build_loader(args.data, args.data_root, s, size=args.img_size, batch_size=64, shuffle=False,
+                                 drop_last=False, seed=args.seed, split_seed=args.split_seed, workers=args.workers,
+                                 cache=args.cache, synthetic_images=args.synthetic_images,
+                                 skip_bad=args.skip_bad, distributed=False) for s in splits}
+
+
+def knn_accuracy(encoder, loaders, args, device):
+    """20-NN top-1 % with the train split as memory, on the test split."""
+    features = {s: extract_features(encoder, loaders[s], device, args.eval_feat) for s in ("train", "test")}
+    return knn_classify(*features["train"], *features["test"], len(loaders["train"].dataset.classes))
+
+
+def random_init_encoder(args, device):
+    """The encoder as --seed initialises it: the floor of the table and of curves.png (global RNG untouched)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(args.seed)
+        return SelectiveMAE(args).encoder.to(device)
+
+
+def evaluate(encoder, args, device, loaders, log_path):
+    """linear@1%, linear@100%, kNN for the trained encoder and a random-init one (the floor), and the
+    time to accuracy of the kNN curve in log_path (OUT/log.jsonl of the run)."""
     n_classes = len(loaders["train"].dataset.classes)
-    torch.manual_seed(args.seed)
-    floor = SelectiveMAE(args).encoder.to(device)
     results = {}
-    for name, enc in (("pretrained", encoder), ("random-init", floor)):
+    for name, enc in (("pretrained", encoder), ("random-init", random_init_encoder(args, device))):
         f = {s: extract_features(enc, l, device, args.eval_feat) for s, l in loaders.items()}
         results[name] = {
             "linear@1%": linear_probe(*f["train1"], *f["test"], n_classes),
             "linear@100%": linear_probe(*f["train"], *f["test"], n_classes),
             "knn": knn_classify(*f["train"], *f["test"], n_classes)}
-    print(f"\nevaluation on {args.data} ({len(loaders['train'].dataset)} train / {len(loaders['test'].dataset)} "
+    print(f"\nevaluation on {args.data} ({len(loaders['train'].rows)} train / {len(loaders['test'].rows)} "
           f"test, {n_classes} classes), top-1 %")
     print(f"{'protocol':<14}{'pretrained':>12}{'random-init':>13}")
     for proto in ("linear@1%", "linear@100%", "knn"):
         print(f"{proto:<14}{results['pretrained'][proto]:>12.2f}{results['random-init'][proto]:>13.2f}")
+    reached = data.time_to_accuracy(read_log(log_path))
+    if reached is not None:
+        print(f"time to accuracy: {reached:.0f} s (kNN within 1 point of its final value)")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     with open(Path(args.out) / "eval.json", "w") as fh:
         json.dump(results, fh, indent=1)
@@ -844,9 +996,10 @@ def visualize(model, args, device, progress, n=8):
     """PNG grid, one row per image: input | visible patches (dimmed = masked, red = targets) |
     input with the reconstructed targets pasted in (norm-pix predictions de-normalised per patch)."""
     from PIL import Image
-    loader = data.build_loader(args.data, args.data_root, "test", size=args.img_size, batch_size=n,
-                               shuffle=False, drop_last=False, seed=args.seed, workers=0, cache=args.cache,
-                               synthetic_images=args.synthetic_images, skip_bad=args.skip_bad, distributed=False)
+    loader = data.build_loader(args.data, args.data_root, "test", size=args.img_size, batch_size=n, shuffle=False,
+                               drop_last=False, seed=args.seed, split_seed=args.split_seed, workers=0,
+                               cache=args.cache, synthetic_images=args.synthetic_images,
+                               skip_bad=args.skip_bad, distributed=False)
     images = data.normalize(next(iter(loader))[0].to(device))
     model.eval()
     probs = torch.tensor(psts_stage(progress)[1], device=device)
@@ -898,44 +1051,46 @@ def flops_per_image(model, args):
 
 
 def bench(args, device):
-    """N timed steps on random tensors of the real shapes (HOG scores + selection + fwd/bwd/step)."""
+    """N timed steps on random uint8 images at --load-size: augmentation to the crops, HOG scores,
+    selection, forward/backward/step. Also the host time per step outside the model (augmentation
+    and HOG calls issued from the host; the loader is not part of this benchmark)."""
     model = SelectiveMAE(args).to(device)
     optimizer = build_optimizer(model, args, 1e-4)
     step_model = torch.compile(model) if args.compile else model
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    augment = train_augment(args).to(device)
+    images = torch.randint(0, 256, (args.batch_size, 3, args.load_size, args.load_size), dtype=torch.uint8,
+                           device=device)
     probs = torch.tensor(psts_stage(0.0)[1], device=device)
+    host_s = []
 
     def step():
-        scores = hog_patch_scores(images, args.patch_size, model.uses_scores)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            loss = step_model(images, scores, probs)[0].mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-        optimizer.step()
+        host_s.append(train_step(step_model, model, optimizer, scaler, augment, images, probs, args)[1])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(5 if args.compile else 2):
         step()
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    host_s.clear()
     t0 = time.perf_counter()
     for _ in range(args.bench):
         step()
     sync()
     dt = (time.perf_counter() - t0) / args.bench
     ips = args.batch_size / dt
-    line = (f"bench {args.arch}/{args.patch_size} {args.img_size}px bs {args.batch_size} K={model.n_keep} "
-            f"R={model.n_targets} decoder={args.decoder} seeds={args.seed_select} targets={args.target_select}"
-            f"{' adaptive' if args.adaptive_budget else ''} amp={args.amp} attn={args.attn} compile={args.compile}: "
-            f"{ips:.1f} images/s, {dt * 1e3:.1f} ms/step")
+    line = (f"bench {args.arch}/{args.patch_size} {args.img_size}px crops of {args.load_size}px bs {args.batch_size} "
+            f"K={model.n_keep} R={model.n_targets} decoder={args.decoder} seeds={args.seed_select} "
+            f"targets={args.target_select}{' adaptive' if args.adaptive_budget else ''} amp={args.amp} "
+            f"attn={args.attn} compile={args.compile}: {ips:.1f} images/s, {dt * 1e3:.1f} ms/step, host outside "
+            f"the model {1e3 * sum(host_s) / len(host_s):.1f} ms/step (augment + HOG)")
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peaks = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}   # dense bf16
         peak = next((v for k, v in peaks.items() if k in name), None)
         mfu = f"{100 * flops_per_image(model, args) * ips / peak:.1f}%" if peak else "n/a"
-        line += f", peak mem {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB, MFU {mfu} ({name})"
+        line += (f", peak mem {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB, MFU {mfu} ({name}; TF32 "
+                 f"matmul/cuDNN and cudnn.benchmark on)")
     else:
         line += ", peak mem / MFU: n/a on CPU"
     print(line)
@@ -943,31 +1098,51 @@ def bench(args, device):
 
 
 # ----------------------------------------------------------------------------------------- main
+def checkpoint_modes(args, ckpt, path, device):
+    """--export, --visualize, --eval-only (any together) on the checkpoint `path`; output in OUT."""
+    out = Path(args.out)
+    model = SelectiveMAE(args).to(device)
+    model.load_state_dict(ckpt["model"])
+    out.mkdir(parents=True, exist_ok=True)
+    if args.export:
+        torch.save(model.encoder.state_dict(), out / "backbone.pth")
+        print(f"wrote {out / 'backbone.pth'}: {len(model.encoder.state_dict())} tensors with timm ViT names")
+    if args.visualize or args.eval_only:
+        loaders = eval_loaders(args)
+        check_checkpoint(ckpt, path, scenes=loaders["test"].dataset.scenes)
+        data.save_splits(loaders["test"].dataset.scenes, out / "splits.json")
+    if args.visualize:
+        visualize(model, args, device, ckpt["run"]["progress"])
+    if args.eval_only:
+        log_path = Path(path).parent / "log.jsonl"
+        if log_path.exists():
+            draw_curves(log_path, out / "curves.png")
+            print(f"wrote {out / 'curves.png'} from {log_path}")
+        evaluate(model.encoder, args, device, loaders, log_path)
+
+
 def main(argv=None):
-    args = get_args_parser().parse_args(argv)
-    ckpt_in = args.eval_only or args.export or args.visualize
-    ckpt = torch.load(ckpt_in, map_location="cpu", weights_only=False) if ckpt_in else None
-    args = resolve_args(args, ckpt["args"] if ckpt else None)
+    args, explicit = parse_args(argv)
+    ckpt_path = args.eval_only or args.export or args.visualize
+    ckpt = data.load_checkpoint(ckpt_path) if ckpt_path else None
+    if ckpt is not None:
+        check_checkpoint(ckpt, ckpt_path)
+    demo = args.data is None and ckpt is None
+    args = resolve_args(args, ckpt["args"] if ckpt else None, explicit)
     rank, world, device = setup_distributed()
     seed = args.seed + rank
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    out = Path(args.out)
+    if ckpt is not None:
+        if rank == 0:
+            checkpoint_modes(args, ckpt, ckpt_path, device)
+        return
+    args.load_size = data.resolve_load_size(args.data, args.data_root, args.img_size, args.load_size,
+                                            args.synthetic_images)   # native size, at most 2x --img-size
     if args.bench:
         return bench(args, device)
-    if ckpt_in:
-        model = SelectiveMAE(args).to(device)
-        model.load_state_dict(ckpt["model"])
-        out.mkdir(parents=True, exist_ok=True)
-        if args.export and rank == 0:
-            torch.save(model.encoder.state_dict(), out / "backbone.pth")
-            print(f"wrote {out / 'backbone.pth'}: {len(model.encoder.state_dict())} tensors with timm ViT names")
-        if args.visualize and rank == 0:
-            visualize(model, args, device, ckpt["epoch"] / args.epochs)
-        if args.eval_only and rank == 0:
-            evaluate(model.encoder, args, device)
-        return
+    out = Path(args.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "args.json", "w") as f:
@@ -977,11 +1152,13 @@ def main(argv=None):
     if rank == 0:
         print(f"training took {time.time() - t0:.1f} s")
     if finished and not args.no_eval and rank == 0:
-        evaluate(model.encoder, args, device)
+        evaluate(model.encoder, args, device, eval_loaders(args), out / "log.jsonl")
+    if finished and demo and rank == 0:
+        visualize(model, args, device, 1.0)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    data.run_main(main)

@@ -9,6 +9,7 @@ imported, so it is set here, at collection time, before any test module imports 
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 if os.environ.get("RSMIM_TEST_GPU") != "1":
@@ -23,6 +24,11 @@ if not torch.cuda.is_available():
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+# The scripts cache decoded datasets in ~/.cache/rsmim by default (--cache auto): the tests, and the
+# scripts they start, use a folder of their own that goes with the session.
+_CACHE = tempfile.TemporaryDirectory(prefix="rsmim-test-cache-")
+os.environ["RSMIM_CACHE"] = _CACHE.name
 
 # The tests are sized for 2 CPU cores; more threads only fight each other there.
 torch.set_num_threads(min(2, os.cpu_count() or 1))

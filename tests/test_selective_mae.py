@@ -2,11 +2,18 @@
 (smoke runs of main() in-process: resume, export, eval-only, visualize, plain-MAE mode, adaptive
 budget; torchrun as a subprocess)."""
 import importlib.util
+import io
 import json
-import numpy as np
+import os
+import re
+import signal
+import socket
+import subprocess
 import sys
+import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -17,7 +24,7 @@ spec.loader.exec_module(smae)
 
 # Tiny and fast: ViT-Tiny width with 2 blocks, 64 px / patch 8 (N = 64, K = 9, R = 16), 1-block decoder.
 TINY = ["--img-size", "64", "--patch-size", "8", "--depth", "2", "--decoder-depth", "1",
-        "--synthetic-images", "40", "--batch-size", "8", "--workers", "0", "--log-every", "1"]
+        "--synthetic-images", "40", "--batch-size", "8", "--workers", "0", "--log-every", "1", "--cache", "none"]
 
 
 @pytest.fixture(autouse=True)
@@ -143,44 +150,143 @@ def run_main(capsys, *argv):
     return capsys.readouterr().out
 
 
+@pytest.fixture(autouse=True)
+def restore_signal_handlers():
+    """SavePoints installs SIGTERM/SIGUSR1 handlers in this process; later tests get the defaults back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
 @pytest.fixture(scope="module")
 def tools(tmp_path_factory):
-    """A 2-block model trained for 2 steps, then --export, --visualize and --eval-only on its
-    checkpoint in one call (the script accepts the three together), with no --out / --data: they
-    must write beside the checkpoint and use its data (40 synthetic images, not the demo's 400).
-    Returns (out folder, stdout)."""
-    out = tmp_path_factory.mktemp("smae")
+    """A 2-block model trained for one epoch (3 steps) with --seed 3 into a non-default --out, with the
+    final evaluation; then --export, --visualize and --eval-only on its checkpoint in one call (the
+    script accepts the three together) with only the checkpoint path: they must write beside it and
+    use its data (40 synthetic images, not the demo's 400). Returns (out folder, stdout of the
+    modes, the training run's eval.json)."""
+    out = tmp_path_factory.mktemp("smae") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                    # module scope: before the one_thread fixture
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sys, "stdout", __import__("io").StringIO())
-        smae.main([*TINY, "--epochs", "1", "--max-steps", "2", "--out", str(out)])
+        mp.setattr(sys, "stdout", io.StringIO())
+        smae.main([*TINY, "--epochs", "1", "--seed", "3", "--out", str(out)])
+        trained = json.loads((out / "eval.json").read_text())
+        sys.stdout = io.StringIO()
         ckpt = str(out / "checkpoint.pth")
         smae.main(["--export", ckpt, "--visualize", ckpt, "--eval-only", ckpt])
-        return out, sys.stdout.getvalue()
+        torch.set_num_threads(threads)
+        return out, sys.stdout.getvalue(), trained
 
 
-def epoch_losses(out):
-    return [json.loads(line)["loss"] for line in open(Path(out) / "log.jsonl")]
+def log_records(out, key):
+    return [r for r in map(json.loads, open(Path(out) / "log.jsonl")) if key in r]
 
 
-def test_exact_resume_reproduces_uninterrupted_losses(tmp_path, capsys):
-    common = [*TINY, "--epochs", "2", "--no-eval", "--synthetic-images", "40"]   # 32 train -> 3 steps/epoch
-    run_main(capsys, *common, "--out", tmp_path / "a")
-    out = run_main(capsys, *common, "--out", tmp_path / "b", "--max-steps", "5")  # stops mid-epoch 2
-    assert "--max-steps 5 reached" in out and len(epoch_losses(tmp_path / "b")) == 1
-    out = run_main(capsys, *common, "--out", tmp_path / "b", "--resume", "auto")
-    assert "resumed" in out and "epoch 1 step 2" in out
-    a, b = epoch_losses(tmp_path / "a"), epoch_losses(tmp_path / "b")
-    assert len(a) == len(b) == 2 and a == b, (a, b)
+def step_losses(stdout):
+    return re.findall(r"^epoch (\d+ step \d+)/\d+ loss (\S+)", stdout, re.M)
 
 
-def test_torchrun_two_processes_run_two_steps(run_torchrun, tmp_path):
-    proc = run_torchrun(2, "selective_mae.py", *TINY, "--epochs", "1", "--max-steps", "2", "--out", tmp_path,
-                        "--synthetic-images", "80", "--no-eval")     # 64 train images: 4 steps per rank
-    assert "max-steps 2 reached" in proc.stdout and "world 2" in proc.stdout
-    assert (tmp_path / "checkpoint.pth").exists()
+def test_exact_resume_from_a_signal_and_from_max_steps(tmp_path, capsys, monkeypatch):
+    """Per-step losses of an uninterrupted run (checkpointing every step by the clock) = those of a
+    run preempted by SIGUSR1 mid-epoch, resumed, stopped by --max-steps mid-epoch, resumed again.
+    The log holds each epoch's loss and kNN (--eval-every 2: epoch 1 only) once, and the floor once."""
+    common = [*TINY, "--epochs", "2", "--no-eval", "--eval-every", "2"]   # 32 train -> 3 steps/epoch
+    a = run_main(capsys, *common, "--out", tmp_path / "a", "--save-every", "1e-9")
+    assert len(re.findall(r"^checkpoint .* snapshot \d+ ms \(previous write \d+ ms", a, re.M)) == 6
+
+    train_step = smae.train_step
+    def preempt_at_step_2(*args, calls=[]):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)   # a scheduler's preemption notice, mid-step
+        return train_step(*args)
+    monkeypatch.setattr(smae, "train_step", preempt_at_step_2)
+    b = run_main(capsys, *common, "--out", tmp_path / "b")
+    assert "preempted (SIGUSR1)" in b and "at epoch 0 step 2; resume with the same command plus --resume auto" in b
+    monkeypatch.setattr(smae, "train_step", train_step)
+    b += run_main(capsys, *common, "--out", tmp_path / "b", "--resume", "auto", "--max-steps", "4")
+    assert "resumed" in b and "epoch 0 step 2" in b and "--max-steps 4 reached" in b
+    b += run_main(capsys, *common, "--out", tmp_path / "b", "--resume", "auto")
+    assert len(step_losses(a)) == 6 and step_losses(a) == step_losses(b)
+    for run in ("a", "b"):
+        assert [r["epoch"] for r in log_records(tmp_path / run, "loss")] == [0, 1]
+        assert [(r["epoch"], r["step"]) for r in log_records(tmp_path / run, "knn")] == [(1, 6)]
+        assert len(log_records(tmp_path / run, "knn_floor")) == 1
+    assert log_records(tmp_path / "a", "loss") != [] and \
+        [r["loss"] for r in log_records(tmp_path / "a", "loss")] == [r["loss"] for r in log_records(tmp_path / "b", "loss")]
+    from PIL import Image
+    assert Image.open(tmp_path / "b" / "curves.png").format == "PNG"
+
+
+def test_resume_loads_the_checkpoint_on_the_cpu(tmp_path, capsys, monkeypatch):
+    """--resume on a GPU machine used to hand CUDA RNG states to torch.set_rng_state: every load of
+    the resume path must map to the CPU, and set_rng_state must get CPU tensors."""
+    run_main(capsys, *TINY, "--epochs", "1", "--max-steps", "1", "--eval-every", "0", "--out", tmp_path)
+    loads, states = [], []
+    real_load, real_set = torch.load, torch.set_rng_state
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k.get("map_location")) or real_load(*a, **k))
+    monkeypatch.setattr(torch, "set_rng_state", lambda s: states.append(s.device) or real_set(s))
+    out = run_main(capsys, *TINY, "--epochs", "1", "--max-steps", "2", "--eval-every", "0", "--out", tmp_path,
+                   "--resume", "auto")
+    assert "resumed" in out and loads and all(str(m) == "cpu" for m in loads), loads
+    assert states and all(d.type == "cpu" for d in states)
+
+
+def test_a_rank_the_checkpoint_lacks_keeps_its_own_seed(tmp_path, capsys, monkeypatch):
+    """Resumed on more processes than were saved: rank 1 of a 1-rank checkpoint must not take rank
+    0's RNG streams (both ranks would draw the same crops and selections); rank 0 takes its own."""
+    run_main(capsys, *TINY, "--epochs", "1", "--max-steps", "1", "--eval-every", "0", "--out", tmp_path)
+    args = smae.resolve_args(smae.get_args_parser().parse_args(
+        [*TINY, "--epochs", "1", "--max-steps", "1", "--eval-every", "0", "--out", str(tmp_path), "--resume", "auto"]))
+    args.load_size = args.img_size
+    taken = []
+    monkeypatch.setattr(smae, "set_rng_state", taken.append)
+    for rank in (1, 0):
+        smae.train(args, rank, 1, torch.device("cpu"))
+    assert len(taken) == 1
+
+
+def test_two_processes_evaluate_during_training_without_deadlock(run_torchrun, tmp_path):
+    """2 gloo ranks, one epoch (4 steps each), kNN after it on rank 0 while rank 1 waits at a barrier."""
+    proc = run_torchrun(2, "selective_mae.py", *TINY, "--epochs", "1", "--out", tmp_path, "--eval-every", "1",
+                        "--synthetic-images", "80", "--no-eval", timeout=240)     # 64 train images: 4 steps per rank
+    assert "world 2" in proc.stdout and "knn " in proc.stdout
+    assert [r["epoch"] for r in log_records(tmp_path, "knn")] == [0] and (tmp_path / "checkpoint.pth").exists()
+
+
+def test_two_nodes_train_checkpoint_and_resume(tmp_path):
+    """Two torchrun "nodes" (c10d rendezvous on this host, gloo, 1 process each): 2 steps leave the
+    same parameters on both ranks and one checkpoint; --resume auto continues on the same two nodes."""
+    def launch(*extra):
+        port = socket.socket()
+        port.bind(("127.0.0.1", 0))
+        endpoint, rdzv_id = f"127.0.0.1:{port.getsockname()[1]}", uuid.uuid4().hex
+        port.close()
+        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", rdzv_id,
+               str(REPO / "tests" / "smae_ddp_probe.py"), *TINY, "--epochs", "1", "--synthetic-images", "80",
+               "--eval-every", "0", "--no-eval", "--out", str(tmp_path), *extra]
+        nodes = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for _ in range(2)]
+        outputs = [node.communicate(timeout=120) for node in nodes]
+        for node, (stdout, stderr) in zip(nodes, outputs):
+            assert node.returncode == 0, stdout[-3000:] + stderr[-3000:]
+        stdout = "".join(o for o, _ in outputs)
+        checksums = dict(re.findall(r"^rank (\d) checksum (\S+)$", stdout, re.M))
+        assert set(checksums) == {"0", "1"} and checksums["0"] == checksums["1"], stdout
+        return stdout, checksums["0"]
+    first, after_2 = launch("--max-steps", "2")
+    assert "world 2" in first and "--max-steps 2 reached" in first and (tmp_path / "checkpoint.pth").exists()
+    second, after_4 = launch("--resume", "auto")
+    assert "resumed" in second and "epoch 0 step 2" in second and after_4 != after_2
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=False)["run"]["epoch"] == 1
 
 
 def test_export_keys_match_timm_vit_names(tools):
+    assert "wrote " + str(tools[0] / "backbone.pth") in tools[1]
     keys = set(torch.load(tools[0] / "backbone.pth", map_location="cpu").keys())
     expected = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias"}
     for i in range(2):
@@ -197,6 +303,17 @@ def test_eval_only_prints_the_three_protocols(tools):
     assert "random-init" in out and "evaluation on synthetic (30 train / 10 test" in out   # the checkpoint's data
     results = json.loads((tools[0] / "eval.json").read_text())
     assert set(results) == {"pretrained", "random-init"} and 0 <= results["pretrained"]["knn"] <= 100
+    assert results == tools[2]           # the checkpoint's seed 3 (the floor) and split: the training run's table
+    from PIL import Image
+    assert Image.open(tools[0] / "curves.png").format == "PNG" and "curves.png from" in out
+
+
+def test_eval_only_with_another_seed_keeps_the_split_and_the_numbers(tools, capsys, tmp_path):
+    """--seed is not the split: --eval-only --seed 5 evaluates the checkpoint on the training run's test
+    split (splits.json) with the same pretrained numbers."""
+    run_main(capsys, "--eval-only", tools[0] / "checkpoint.pth", "--seed", "5", "--out", tmp_path)
+    assert json.loads((tmp_path / "splits.json").read_text()) == json.loads((tools[0] / "splits.json").read_text())
+    assert json.loads((tmp_path / "eval.json").read_text())["pretrained"] == tools[2]["pretrained"]
 
 
 def test_visualize_writes_png(tools):
@@ -204,6 +321,37 @@ def test_visualize_writes_png(tools):
     img = Image.open(tools[0] / "visualize.png")
     tile = img.size[0] // 3                               # columns: input | masks | reconstruction
     assert img.size[0] == 3 * tile and img.size[1] % tile == 0 and img.size[1] >= tile
+
+
+def one_line_error(*argv, cwd=REPO):
+    """Run the script in a subprocess: it must exit 2 with exactly one stderr line, `error: ...`."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, str(REPO / "selective_mae.py"), *map(str, argv)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+def test_user_errors_are_one_line_and_exit_2(tools, tmp_path):
+    assert "AID not found" in one_line_error("--data", "AID", "--data-root", tmp_path / "nowhere")
+    assert "unknown dataset name 'NoSuchSet'" in one_line_error("--data", "NoSuchSet")
+    torch.save({"args": {"arch": "vit_small"}, "script": "gsc_mim.py"}, tmp_path / "gsc.pth")
+    assert "checkpoint of gsc_mim.py, not of this selective_mae.py" in one_line_error("--eval-only", tmp_path / "gsc.pth")
+    assert "loss is " in one_line_error(*TINY, "--lr", "1e30", "--max-steps", "3", "--eval-every", "0",
+                                        "--out", tmp_path / "nan")
+
+
+def test_checkpoint_mismatches_are_refused(tools, capsys, tmp_path):
+    ckpt = tools[0] / "checkpoint.pth"
+    with pytest.raises(smae.data.UserError, match="--data UCM differs from the checkpoint's synthetic"):
+        run_main(capsys, "--eval-only", ckpt, "--data", "UCM")
+    with pytest.raises(smae.data.UserError, match="--split-seed 1 differs"):
+        run_main(capsys, "--eval-only", ckpt, "--split-seed", "1")
+    with pytest.raises(smae.data.UserError, match=r"--depth 2 \(this run: 3\)"):
+        run_main(capsys, *TINY, "--epochs", "1", "--depth", "3", "--out", tmp_path, "--resume", ckpt)
+    with pytest.raises(smae.data.UserError, match="--split-seed 0 \\(this run: 4\\)"):
+        run_main(capsys, *TINY, "--epochs", "1", "--split-seed", "4", "--out", tmp_path, "--resume", ckpt)
 
 
 def test_plain_mae_mode_runs(tmp_path, capsys, monkeypatch):
@@ -308,8 +456,8 @@ def test_patchify_is_mae_order_and_unpatchify_inverts():
 
 
 def test_too_small_dataset_stops_with_a_clear_message(tmp_path, capsys):
-    """30 training images and batch 64: no step per epoch (drop_last) -> a one-line exit, not an IndexError."""
-    with pytest.raises(SystemExit, match="lower --batch-size"):
+    """30 training images and batch 64: no step per epoch (drop_last) -> a one-line user error, not an IndexError."""
+    with pytest.raises(smae.data.UserError, match="lower --batch-size"):
         run_main(capsys, *TINY, "--batch-size", "64", "--epochs", "1", "--out", tmp_path)
 
 
@@ -411,9 +559,9 @@ def test_infobatch_run_resumes_exactly_and_saves_steps(tmp_path, capsys):
     run_main(capsys, *common, "--out", tmp_path / "b", "--max-steps", "9")         # inside pruned epoch 1
     out = run_main(capsys, *common, "--out", tmp_path / "b", "--resume", "auto")
     assert "resumed" in out and "epoch 1 step 2" in out
-    a, b = epoch_losses(tmp_path / "a"), epoch_losses(tmp_path / "b")
-    assert len(a) == len(b) == 3 and a == b, (a, b)
-    steps = [json.loads(line)["steps"] for line in open(tmp_path / "a" / "log.jsonl")]
+    a, b = [[r for r in smae.read_log(tmp_path / run / "log.jsonl") if "loss" in r] for run in "ab"]
+    assert len(a) == len(b) == 3 and [r["loss"] for r in a] == [r["loss"] for r in b], (a, b)
+    steps = [r["step"] for r in a]                                   # optimizer steps so far
     assert steps[0] == 7 and steps[2] - steps[0] < 14                # epochs 1-2 pruned
 
 
