@@ -135,7 +135,7 @@ def get_args_parser():
 # A resume must match the model (ARCH_KEYS). --eval-only/--export/--visualize take it from the checkpoint,
 # with the masks --visualize draws and the seed (the table's random-init floor is that seed's backbone).
 ARCH_KEYS = ("arch", "patch_size", "img_size", "out_dim", "head_hidden", "norm_last_layer")
-MODEL_KEYS = (*ARCH_KEYS, "mask_shape", "mask_ratio", "clean_prob", "seed", "skip_bad")
+MODEL_KEYS = (*ARCH_KEYS, "mask_shape", "mask_ratio", "clean_prob", "ipc_views", "seed", "skip_bad")
 
 
 def same_data(a, b):
