@@ -722,8 +722,9 @@ class Loader:
         self.stream = self._batches(epoch)
         if self.array is None:                               # PIL path: the same stream, one sample at a time
             order = (row for _, _, rows in self._batches(epoch) for row in rows)
-            self.samples = iter(torch.utils.data.DataLoader(self.dataset, batch_size=None, sampler=order,
-                                                            num_workers=self.workers))
+            self.samples = iter(torch.utils.data.DataLoader(   # its own generator: starting workers
+                self.dataset, batch_size=None, sampler=order, num_workers=self.workers,  # leaves the
+                generator=torch.Generator().manual_seed(self.seed)))  # training's global RNG alone
         self._submit()
 
     def _submit(self):
