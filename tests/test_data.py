@@ -6,6 +6,8 @@ import json
 import logging
 import math
 import pathlib
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -580,3 +582,14 @@ def test_loader_leaves_the_global_rng_alone():
     loader.sampler.set_epoch(1)
     next(iter(loader))
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_process_exits_cleanly_with_batches_still_being_prepared(tmp_path):
+    """The loader's threads keep preparing batches ahead; a process that stops mid-epoch (--max-steps,
+    preemption, an error) must still exit normally, not abort in a daemon thread inside torch."""
+    code = ("import data\n"
+            "loader = data.build_loader('synthetic', None, 'train', size=32, batch_size=4, shuffle=True,\n"
+            "                           drop_last=True, synthetic_images=60, workers=0, distributed=False)\n"
+            "next(iter(loader))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=pathlib.Path(data.__file__).parent, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
