@@ -913,7 +913,7 @@ def _write_cache(decoder, data_path, header_path, header, workers, lock):
     tmp, beat = _tmp_name(data_path), time.time()
     try:
         array = np.memmap(tmp, np.uint8, "w+", shape=(n, 3, size, size))
-        todo = [i for i in range(n) if i not in set(header["blank"])]
+        todo = sorted(set(range(n)) - set(header["blank"]))
         samples = torch.utils.data.DataLoader(decoder, batch_size=None, sampler=todo, num_workers=workers)
         for i, image in zip(todo, samples):
             if isinstance(image, DataError):
