@@ -46,7 +46,6 @@ import sys
 import threading
 import time
 import weakref
-from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -265,7 +264,7 @@ def make_splits(samples, labels, classes, seed):
     name): the split of a class does not depend on listing order or on the other classes.
     The first 20% (rounded, at least one when the class has two or more images) are the test
     split, the rest the train split, and the first 1% of those (at least one) the labelled subset."""
-    by_class = defaultdict(list)
+    by_class = collections.defaultdict(list)
     for index, label in enumerate(labels):   # samples are sorted, so each list is too
         by_class[label].append(index)
     splits = {"train": [], "test": [], "train1": []}
