@@ -812,12 +812,6 @@ def too_small(scenes, size, max_upscale):
     return small
 
 
-def cache_paths(scenes, cache_dir, size):
-    key, _ = scenes.cache_key()
-    stem = Path(cache_dir).expanduser() / f"{key}_{size}"
-    return stem.with_name(stem.name + ".u8"), stem.with_name(stem.name + ".json")
-
-
 def build_cache(decoder, cache_dir, blank=(), *, workers=4, wait_s=24 * 3600):
     """Path of the uint8 [N,3,size,size] memmap of every sample of decoder.scenes (all splits;
     the rows of `blank`, images left out as too small, stay zero).
@@ -830,9 +824,9 @@ def build_cache(decoder, cache_dir, blank=(), *, workers=4, wait_s=24 * 3600):
     refreshes the lock as it goes; the next process to find a lock whose process is gone (same
     host) or that is STALE_LOCK_S old removes it."""
     scenes, size = decoder.scenes, decoder.size
-    data_path, header_path = cache_paths(scenes, cache_dir, size)
-    lock = data_path.with_suffix(".lock")
     key, signature = scenes.cache_key()
+    stem = Path(cache_dir).expanduser() / f"{key}_{size}"
+    data_path, header_path, lock = (stem.with_name(stem.name + end) for end in (".u8", ".json", ".lock"))
     expected = {"format": 2, "dataset": key, "source": str(scenes.folder), "size": size,
                 "n": len(scenes.all_samples), "classes": scenes.classes, "samples": scenes.all_samples,
                 "labels": scenes.all_labels, "signature": signature, "blank": sorted(blank)}
@@ -1173,7 +1167,7 @@ class CheckpointWriter:
 
     def _write(self, snapshot, path):
         start = time.perf_counter()
-        tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+        tmp = _tmp_name(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(snapshot, tmp)
