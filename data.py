@@ -365,16 +365,14 @@ def load_rgb(path, draft_size=None):
 
 
 def to_rgb(image):
-    """RGB copy of any PIL image: grayscale is repeated, alpha dropped, palettes expanded, and
-    16-bit (I;16, or I with values above 255) mapped linearly 0..65535 -> 0..255."""
-    if image.mode.startswith("I;16") or image.mode == "I":
+    """RGB copy of any PIL image: grayscale is repeated, alpha dropped, palettes expanded, 16-bit
+    (I;16, or I with values above 255) mapped linearly 0..65535 -> 0..255, float (F) 0..1 -> 0..255."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
         values = np.asarray(image).astype(np.float32)
-        if image.mode != "I" or values.max() > 255:
+        if image.mode == "F":
+            values = values * 255.0 if values.max() <= 1.0 else values
+        elif image.mode != "I" or values.max() > 255:
             values = values / 257.0
-        image = Image.fromarray(np.clip(values + 0.5, 0, 255).astype(np.uint8), "L")
-    elif image.mode == "F":
-        values = np.asarray(image)
-        values = values * 255.0 if values.max() <= 1.0 else values
         image = Image.fromarray(np.clip(values + 0.5, 0, 255).astype(np.uint8), "L")
     elif image.mode in ("P", "PA", "LA"):
         image = image.convert("RGBA")
