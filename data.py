@@ -366,7 +366,7 @@ def load_rgb(path, draft_size=None):
 
 def to_rgb(image):
     """RGB copy of any PIL image: grayscale is repeated, alpha dropped, palettes expanded, 16-bit
-    (I;16, or I with values above 255) mapped linearly 0..65535 -> 0..255, float (F) 0..1 -> 0..255."""
+    (I;16, or I with values above 255) mapped linearly 0..65535 -> 0..255, float (F) in 0..1 x 255."""
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):
         values = np.asarray(image).astype(np.float32)
         if image.mode == "F":
