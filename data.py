@@ -82,16 +82,16 @@ class DataError(UserError):
     """Bad data or a bad data argument. The message is one line, names the path, says what to do."""
 
 
+def _torch_distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def world_size() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", 1))
+    return torch.distributed.get_world_size() if _torch_distributed() else int(os.environ.get("WORLD_SIZE", 1))
 
 
 def rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return int(os.environ.get("RANK", 0))
+    return torch.distributed.get_rank() if _torch_distributed() else int(os.environ.get("RANK", 0))
 
 
 def is_distributed() -> bool:
@@ -1195,7 +1195,7 @@ class SavePoints:
 
     def __init__(self, every_min, device, check_every=10):
         self.every_s, self.device, self.last = every_min * 60, device, time.time()
-        self.distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.distributed = _torch_distributed()
         self.check_every = check_every if self.distributed else 1
         self.signal = None
         if threading.current_thread() is threading.main_thread():   # signal.signal's requirement
