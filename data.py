@@ -1090,8 +1090,7 @@ class BatchAugment(torch.nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Run plumbing the three scripts share (no method in it): one-line user errors, checkpoints
-#    written in the background, wall-clock and preemption save points, the learning-curve picture
+# 6. Run plumbing the three scripts share (no method in it)
 # ----------------------------------------------------------------------------------------------
 
 def run_main(main, argv=None):
