@@ -46,7 +46,6 @@ import sys
 import threading
 import time
 import weakref
-from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
@@ -83,16 +82,16 @@ class DataError(UserError):
     """Bad data or a bad data argument. The message is one line, names the path, says what to do."""
 
 
+def _torch_distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def world_size() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", 1))
+    return torch.distributed.get_world_size() if _torch_distributed() else int(os.environ.get("WORLD_SIZE", 1))
 
 
 def rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return int(os.environ.get("RANK", 0))
+    return torch.distributed.get_rank() if _torch_distributed() else int(os.environ.get("RANK", 0))
 
 
 def is_distributed() -> bool:
@@ -265,7 +264,7 @@ def make_splits(samples, labels, classes, seed):
     name): the split of a class does not depend on listing order or on the other classes.
     The first 20% (rounded, at least one when the class has two or more images) are the test
     split, the rest the train split, and the first 1% of those (at least one) the labelled subset."""
-    by_class = defaultdict(list)
+    by_class = collections.defaultdict(list)
     for index, label in enumerate(labels):   # samples are sorted, so each list is too
         by_class[label].append(index)
     splits = {"train": [], "test": [], "train1": []}
@@ -366,16 +365,14 @@ def load_rgb(path, draft_size=None):
 
 
 def to_rgb(image):
-    """RGB copy of any PIL image: grayscale is repeated, alpha dropped, palettes expanded, and
-    16-bit (I;16, or I with values above 255) mapped linearly 0..65535 -> 0..255."""
-    if image.mode.startswith("I;16") or image.mode == "I":
+    """RGB copy of any PIL image: grayscale is repeated, alpha dropped, palettes expanded, 16-bit
+    (I;16, or I with values above 255) mapped linearly 0..65535 -> 0..255, float (F) in 0..1 x 255."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
         values = np.asarray(image).astype(np.float32)
-        if image.mode != "I" or values.max() > 255:
+        if image.mode == "F":
+            values = values * 255.0 if values.max() <= 1.0 else values
+        elif image.mode != "I" or values.max() > 255:
             values = values / 257.0
-        image = Image.fromarray(np.clip(values + 0.5, 0, 255).astype(np.uint8), "L")
-    elif image.mode == "F":
-        values = np.asarray(image)
-        values = values * 255.0 if values.max() <= 1.0 else values
         image = Image.fromarray(np.clip(values + 0.5, 0, 255).astype(np.uint8), "L")
     elif image.mode in ("P", "PA", "LA"):
         image = image.convert("RGBA")
@@ -821,12 +818,6 @@ def too_small(scenes, size, max_upscale):
     return small
 
 
-def cache_paths(scenes, cache_dir, size):
-    key, _ = scenes.cache_key()
-    stem = Path(cache_dir).expanduser() / f"{key}_{size}"
-    return stem.with_name(stem.name + ".u8"), stem.with_name(stem.name + ".json")
-
-
 def build_cache(decoder, cache_dir, blank=(), *, workers=4, wait_s=24 * 3600):
     """Path of the uint8 [N,3,size,size] memmap of every sample of decoder.scenes (all splits;
     the rows of `blank`, images left out as too small, stay zero).
@@ -839,9 +830,9 @@ def build_cache(decoder, cache_dir, blank=(), *, workers=4, wait_s=24 * 3600):
     refreshes the lock as it goes; the next process to find a lock whose process is gone (same
     host) or that is STALE_LOCK_S old removes it."""
     scenes, size = decoder.scenes, decoder.size
-    data_path, header_path = cache_paths(scenes, cache_dir, size)
-    lock = data_path.with_suffix(".lock")
     key, signature = scenes.cache_key()
+    stem = Path(cache_dir).expanduser() / f"{key}_{size}"
+    data_path, header_path, lock = (stem.with_name(stem.name + end) for end in (".u8", ".json", ".lock"))
     expected = {"format": 2, "dataset": key, "source": str(scenes.folder), "size": size,
                 "n": len(scenes.all_samples), "classes": scenes.classes, "samples": scenes.all_samples,
                 "labels": scenes.all_labels, "signature": signature, "blank": sorted(blank)}
@@ -921,7 +912,7 @@ def _write_cache(decoder, data_path, header_path, header, workers, lock):
     tmp, beat = _tmp_name(data_path), time.time()
     try:
         array = np.memmap(tmp, np.uint8, "w+", shape=(n, 3, size, size))
-        todo = [i for i in range(n) if i not in set(header["blank"])]
+        todo = sorted(set(range(n)) - set(header["blank"]))
         samples = torch.utils.data.DataLoader(decoder, batch_size=None, sampler=todo, num_workers=workers)
         for i, image in zip(todo, samples):
             if isinstance(image, DataError):
@@ -1107,8 +1098,7 @@ class BatchAugment(torch.nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Run plumbing the three scripts share (no method in it): one-line user errors, checkpoints
-#    written in the background, wall-clock and preemption save points, the learning-curve picture
+# 6. Run plumbing the three scripts share (no method in it)
 # ----------------------------------------------------------------------------------------------
 
 def run_main(main, argv=None):
@@ -1182,7 +1172,7 @@ class CheckpointWriter:
 
     def _write(self, snapshot, path):
         start = time.perf_counter()
-        tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+        tmp = _tmp_name(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             torch.save(snapshot, tmp)
@@ -1212,7 +1202,7 @@ class SavePoints:
 
     def __init__(self, every_min, device, check_every=10):
         self.every_s, self.device, self.last = every_min * 60, device, time.time()
-        self.distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.distributed = _torch_distributed()
         self.check_every = check_every if self.distributed else 1
         self.signal = None
         if threading.current_thread() is threading.main_thread():   # signal.signal's requirement
