@@ -7,7 +7,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -15,11 +14,14 @@ import data
 from conftest import REPO
 
 BUILDER = '''
-import hashlib, logging, sys, time
+import hashlib, logging, os, pathlib, sys, time
 sys.path.insert(0, sys.argv[1])
 import data
 logging.basicConfig(level=logging.INFO, format="%(message)s")
-time.sleep(max(0.0, float(sys.argv[3]) - time.time()))          # both start at the same moment
+ready = pathlib.Path(sys.argv[3])                                # both start at the same moment:
+(ready / str(os.getpid())).touch()                               # a barrier, whatever the load
+while len(list(ready.iterdir())) < 2:
+    time.sleep(0.01)
 loader = data.build_loader("synthetic", None, "all", size=24, batch_size=50, shuffle=False, drop_last=False,
                            workers=0, synthetic_images=300, cache=sys.argv[2])
 digest = hashlib.sha1()
@@ -32,8 +34,9 @@ print("digest", digest.hexdigest())
 def test_two_builders_at_once_one_decodes_the_other_waits(tmp_path):
     script, cache = tmp_path / "builder.py", tmp_path / "shared-cache"
     script.write_text(BUILDER)
-    start = time.time() + 3.0                                    # after both interpreters have started
-    procs = [subprocess.Popen([sys.executable, str(script), str(REPO), str(cache), str(start)],
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    procs = [subprocess.Popen([sys.executable, str(script), str(REPO), str(cache), str(ready)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={"PATH": "", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
              for _ in range(2)]
