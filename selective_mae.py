@@ -1,27 +1,43 @@
-"""SelectiveMAE: efficient masked image modelling for remote sensing, in one file.
+"""SelectiveMAE: efficient masked image modelling for remote-sensing scenes, in one file.
 
-Paper: Wang et al., "Scaling Efficient Masked Image Modeling on Large Remote Sensing Dataset"
-(arXiv 2406.11933), official code github.com/Fengxiang23/SelectiveMAE. An MAE whose encoder sees
-only K = floor(N(1-m)) selected patches (m = 0.85: 29 of 196) chosen by HOG seeds plus progressive
-semantic token selection (PSTS), and whose decoder reconstructs only R = floor(N r) of the masked
-patches (r = 0.25: 49 of 196), the R with the highest HOG energy. Like the official training,
-InfoBatch prunes well-learned samples in the first 87.5% of the epochs (--infobatch, on with --data).
+Paper: Wang et al., "Scaling Efficient Masked Image Modeling on Large Remote Sensing Dataset",
+arXiv 2406.11933; official code github.com/Fengxiang23/SelectiveMAE.
 
-Difference from the official code (on purpose): the official "HOG score" is the mean of a
-standardised vector, identically 0, so its semantic choices are uniform random. Here the score is
-a real per-patch HOG energy (kernels/hog.py), which is what the paper describes.
+An MAE whose encoder sees only K = floor(N(1-m)) patches (m = 0.85: 29 of 196 at 224/16) and whose
+decoder reconstructs only R = floor(N r) masked patches (r = 0.25: 49 of 196). The visible set is
+chosen by HOG seeds plus progressive semantic token selection (psts_select, curriculum psts_stage:
+near -> far -> random over training); the targets are the R masked patches with the highest HOG
+energy (select_targets); a CrossMAE cross-attention decoder predicts their normalised pixels.
+--adaptive-budget (our extension) gives busy scenes more tokens, padded and hidden by key masks.
+--infobatch (official: InfoBatch(dataset, epochs, 0.5, 0.875)): in the first 87.5% of the epochs
+half of the below-mean-loss samples are dropped and the kept ones weighted x2; on with --data, off
+in the demo. --resume auto continues OUT/checkpoint.pth exactly; --eval-only/--export/--visualize
+take data, split and model from the checkpoint and write beside it. Read top to bottom: args ->
+model -> selection -> loss -> schedules -> distributed -> InfoBatch -> train -> evaluate ->
+visualize -> bench -> main.
+
+Differs from the official code:
+- HOG score: the official per-patch score is the mean of a standardised vector, identically 0, so
+  its seeds and targets are uniform random (PSTS then grows the seeds by token similarity); here
+  it is a real HOG energy (kernels/hog.py), as the paper describes. --target-select random gives
+  the official targets (--seed-select random also skips PSTS: MAE masking).
+- Curriculum blends are drawn per image and round (equal to the official mix in expectation).
+- bf16 autocast on a GPU (official: fp16 + GradScaler, here --amp fp16); both clip gradients at 1.0.
+- Crops resized bilinear (antialiased, batched on the device; official: bicubic, PIL), and besides
+  horizontal flips also vertical flips and 90-degree turns (p 0.5 each), as for overhead imagery.
+- Not a difference: the cross decoder projects keys/values from the encoder width in every block,
+  as the official/CrossMAE code does (its unused decoder_embed1 is not reproduced).
+- Plain MAE is one flag set away, through the same functions (the throughput baseline).
 
 Launch:
-    python selective_mae.py                                   # CPU demo: synthetic data, ViT-Tiny, 64 px
+    python selective_mae.py                                   # CPU demo: synthetic, ViT-Tiny, 64 px
     python selective_mae.py --data UCM --data-root ../shared/data --arch vit_small --epochs 100
     torchrun --standalone --nproc_per_node=8 selective_mae.py --data AID --data-root /data
-    # the same command plus --resume auto continues OUT/checkpoint.pth exactly (saved every 10 min and on SIGTERM)
-    # plain MAE in the same code path (the throughput baseline):
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
+        --rdzv-id=run1 selective_mae.py --data AID --data-root /data --resume auto   # on each node
     python selective_mae.py --mask-ratio 0.75 --recon-ratio 0.75 --seed-select random \\
-        --target-select random --decoder self
-    python selective_mae.py --eval-only runs/selective_mae_synthetic/checkpoint.pth
-    python selective_mae.py --export runs/selective_mae_synthetic/checkpoint.pth   # -> backbone.pth (timm keys)
-    python selective_mae.py --visualize runs/selective_mae_synthetic/checkpoint.pth
+        --target-select random --decoder self                 # plain MAE
+    python selective_mae.py --eval-only RUN/checkpoint.pth    # also --export, --visualize
     python selective_mae.py --data synthetic --arch vit_base --batch-size 256 --bench 50
 """
 import argparse
