@@ -283,25 +283,16 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim, heads, backend):
+    """LN -> attention -> LN -> MLP; with memory_dim, cross-attention to the encoder output (CrossMAE)."""
+    def __init__(self, dim, heads, backend, memory_dim=None):
         super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads, backend)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = (Attention(dim, heads, backend) if memory_dim is None
+                     else CrossAttention(dim, heads, backend, memory_dim))
         self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, 4 * dim)
 
-    def forward(self, x, key_mask=None):
-        x = x + self.attn(self.norm1(x), key_mask)
-        return x + self.mlp(self.norm2(x))
-
-
-class CrossBlock(nn.Module):
-    """LN -> cross-attention to the encoder output -> LN -> MLP (spec sec. 2, decoder)."""
-    def __init__(self, dim, heads, backend, memory_dim):
-        super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), CrossAttention(dim, heads, backend, memory_dim)
-        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, 4 * dim)
-
-    def forward(self, x, memory, key_mask=None):
-        x = x + self.attn(self.norm1(x), memory, key_mask)
+    def forward(self, x, key_mask=None, memory=None):
+        x = x + (self.attn(self.norm1(x), key_mask) if memory is None else self.attn(self.norm1(x), memory, key_mask))
         return x + self.mlp(self.norm2(x))
 
 
@@ -378,7 +369,7 @@ class SelectiveMAE(nn.Module):
         dd = args.decoder_width
         if args.decoder == "cross":   # official/CrossMAE: each block's keys/values from the encoder width
             self.decoder_embed = nn.Identity()
-            blocks = [CrossBlock(dd, args.decoder_heads, args.attn, dim) for _ in range(args.decoder_depth)]
+            blocks = [Block(dd, args.decoder_heads, args.attn, dim) for _ in range(args.decoder_depth)]
         else:                         # MAE: one Linear(encoder, decoder width), then self-attention
             self.decoder_embed = nn.Linear(dim, dd)
             blocks = [Block(dd, args.decoder_heads, args.attn) for _ in range(args.decoder_depth)]
@@ -421,7 +412,7 @@ class SelectiveMAE(nn.Module):
         x = self.mask_token + gather_tokens(pos[:, 1:], tgt_idx)             # queries at the targets
         if self.decoder_kind == "cross":
             for blk in self.decoder_blocks:
-                x = blk(x, memory, key_mask)
+                x = blk(x, key_mask, memory)
         else:                                                                # MAE: [visible + targets]
             memory = memory + torch.cat([pos[:, :1], gather_tokens(pos[:, 1:], vis_idx)], dim=1)
             x = torch.cat([memory, x], dim=1)
@@ -620,11 +611,9 @@ def set_rng_state(s):
         torch.cuda.set_rng_state(s["cuda"].cpu())
 
 
-def rng_neutral(fn, device):
-    """Run fn() without touching the global RNG (data loading must not shift the training RNG,
-    so a run resumed mid-epoch draws the same augmentations and selections)."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        return fn()
+def forked_rng(device):
+    """`with forked_rng(device):` the global RNG (CPU and this device) is restored afterwards."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 # ------------------------------------------------------------------------------------- InfoBatch
@@ -753,7 +742,7 @@ def watch_knn(encoder, key, record, args, device, loaders, out):
     """Global rank 0 (the one with loaders) logs record + {key: 20-NN accuracy of encoder} and redraws
     OUT/curves.png; the others wait. RNG forked, train/eval mode restored: exact resume unaffected."""
     if loaders is not None:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with forked_rng(device):
             training = encoder.training
             record[key] = knn_accuracy(encoder, loaders, args, device)
             encoder.train(training)
@@ -861,13 +850,15 @@ def train(args, rank, world, device):
         model.train()
         loader.sampler.set_epoch(epoch)
         n_it = len(loader)           # fewer than steps_per_epoch in InfoBatch's pruned epochs
-        batches = rng_neutral(lambda: iter(loader), device)
-        for _ in range(first):       # resumed mid-epoch: the same sampler order, skip what was done
-            rng_neutral(lambda: next(batches), device)
+        batches = iter(loader)
+        with forked_rng(device):     # loading must not shift the training RNG (exact mid-epoch resume)
+            for _ in range(first):   # resumed mid-epoch: the same sampler order, skip what was done
+                next(batches)
         loss_sum = torch.zeros((), device=device) + (run["loss_sum"] if first else 0.0)
         n_steps = run["n_steps"] if first else 0
         for it in range(first, n_it):
-            images, _ = rng_neutral(lambda: next(batches), device)
+            with forked_rng(device):
+                images, _ = next(batches)
             step = epoch * steps_per_epoch + it * steps_per_epoch // n_it   # lr, PSTS: by epoch progress
             for g in optimizer.param_groups:
                 g["lr"] = lrs[step]
@@ -960,11 +951,12 @@ def knn_classify(train_f, train_y, test_f, test_y, n_classes, k=20, temp=0.07):
     return 100.0 * correct / len(test_f)
 
 
-def eval_loaders(args, splits=("train", "train1", "test")):
+def eval_loaders(args, splits=("train", "train1", "test"), batch_size=64, workers=None):
     """Evaluation loaders of the run's split, resized to --img-size, not sharded."""
-    return {s: data.build_loader(args.data, args.data_root, s, size=args.img_size, batch_size=64, shuffle=False,
-                                 drop_last=False, seed=args.seed, split_seed=args.split_seed, workers=args.workers,
-                                 cache=args.cache, synthetic_images=args.synthetic_images,
+    workers = args.workers if workers is None else workers
+    return {s: data.build_loader(args.data, args.data_root, s, size=args.img_size, batch_size=batch_size,
+                                 shuffle=False, drop_last=False, seed=args.seed, split_seed=args.split_seed,
+                                 workers=workers, cache=args.cache, synthetic_images=args.synthetic_images,
                                  skip_bad=args.skip_bad, distributed=False) for s in splits}
 
 
@@ -976,7 +968,7 @@ def knn_accuracy(encoder, loaders, args, device):
 
 def random_init_encoder(args, device):
     """The encoder as --seed initialises it: the floor of the table and of curves.png (global RNG untouched)."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with forked_rng(device):
         torch.manual_seed(args.seed)
         return SelectiveMAE(args).encoder.to(device)
 
@@ -1012,10 +1004,7 @@ def visualize(model, args, device, progress, n=8):
     """PNG grid, one row per image: input | visible patches (dimmed = masked, red = targets) |
     input with the reconstructed targets pasted in (norm-pix predictions de-normalised per patch)."""
     from PIL import Image
-    loader = data.build_loader(args.data, args.data_root, "test", size=args.img_size, batch_size=n, shuffle=False,
-                               drop_last=False, seed=args.seed, split_seed=args.split_seed, workers=0,
-                               cache=args.cache, synthetic_images=args.synthetic_images,
-                               skip_bad=args.skip_bad, distributed=False)
+    loader = eval_loaders(args, ("test",), batch_size=n, workers=0)["test"]
     images = data.normalize(next(iter(loader))[0].to(device))
     model.eval()
     probs = torch.tensor(psts_stage(progress)[1], device=device)
