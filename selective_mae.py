@@ -461,8 +461,8 @@ def psts_stage(progress):
 def gumbel_keys(scores, temp):
     """Sorting z/T + Gumbel noise and taking the top k = sampling k without replacement from
     softmax(z/T) (Gumbel-top-k); batched, no torch.multinomial. z = the scores standardised per
-    image: raw HOG energies have a per-image std of ~14 on UCM, so softmax(score/1) was nearly
-    one-hot (top-k in all but name) and T's meaning depended on the dataset's contrast."""
+    image: raw HOG energies (per-image std ~25 on UCM) would make softmax(score/1) nearly one-hot
+    (top-k in all but name) and T's meaning depend on the dataset's contrast."""
     s = scores.float()
     z = (s - s.mean(1, keepdim=True)) / (s.std(1, keepdim=True) + 1e-6)
     u = torch.rand_like(s).clamp_(1e-9, 1 - 1e-9)
@@ -808,8 +808,7 @@ def train(args, rank, world, device):
         infobatch = InfoBatch(len(loader.rows), args.epochs, args.infobatch_prune, args.infobatch_delta, args.seed,
                               rank, world, device)
         loader.sampler.index_sampler = stateful["infobatch"] = infobatch
-    run = {"epoch": 0, "step_in_epoch": 0, "steps_done": 0, "time_s": 0.0, "images_seen": 0, "loss_sum": 0.0,
-           "n_steps": 0}
+    run = {"epoch": 0, "step_in_epoch": 0, "steps_done": 0, "time_s": 0.0, "images_seen": 0, "loss_sum": 0.0}
     ckpt_path = out / "checkpoint.pth"
     resume = ckpt_path if args.resume == "auto" and ckpt_path.exists() else args.resume
     fresh = not resume or resume == "auto"
@@ -854,8 +853,7 @@ def train(args, rank, world, device):
         with forked_rng(device):     # loading must not shift the training RNG (exact mid-epoch resume)
             for _ in range(first):   # resumed mid-epoch: the same sampler order, skip what was done
                 next(batches)
-        loss_sum = torch.zeros((), device=device) + (run["loss_sum"] if first else 0.0)
-        n_steps = run["n_steps"] if first else 0
+        loss_sum = torch.zeros((), device=device) + (run["loss_sum"] if first else 0.0)   # the epoch so far
         for it in range(first, n_it):
             with forked_rng(device):
                 images, _ = next(batches)
@@ -867,7 +865,7 @@ def train(args, rank, world, device):
             loss, _ = train_step(model, core, optimizer, scaler, augment, images.to(device, non_blocking=True),
                                  stages[step], args, weigh)
             loss_sum += loss
-            n_steps, done = n_steps + 1, done + 1
+            done += 1
             images_seen += images.shape[0] * world
             end_of_epoch = it == n_it - 1
             if done % args.log_every == 0 or end_of_epoch:
@@ -882,7 +880,7 @@ def train(args, rank, world, device):
                           flush=True)
             if end_of_epoch:
                 record = {"epoch": epoch, "step": done, "time_s": round(time.time() - t_start, 2), "images_seen":
-                          images_seen, "loss": all_mean(loss_sum / n_steps).item(), "lr": float(lrs[step])}
+                          images_seen, "loss": all_mean(loss_sum / n_it).item(), "lr": float(lrs[step])}
                 if rank == 0:
                     write_log(out / "log.jsonl", [record])
                 if args.eval_every and (epoch + 1) % args.eval_every == 0:
@@ -894,8 +892,7 @@ def train(args, rank, world, device):
                 save_checkpoint(writer, ckpt_path, stateful, args, split_digest(scenes),
                                 {"epoch": at[0], "step_in_epoch": at[1], "steps_done": done,
                                  "progress": (step + 1) / total_steps, "time_s": time.time() - t_start,
-                                 "images_seen": images_seen, "loss_sum": all_mean(loss_sum).item(),
-                                 "n_steps": n_steps})
+                                 "images_seen": images_seen, "loss_sum": all_mean(loss_sum).item()})
             if stop or done == last:
                 writer.wait()
                 finished = at == (args.epochs, 0)
