@@ -163,8 +163,7 @@ SCRIPT = "selective_mae.py"   # a checkpoint says which script wrote it
 MODEL_KEYS = ("arch", "depth", "patch_size", "img_size", "decoder", "decoder_depth", "decoder_width",
               "decoder_heads", "mask_ratio", "recon_ratio", "seed_select", "psts_rounds", "target_select",
               "adaptive_budget", "budget_quantile", "budget_max", "norm_pix_loss", "epochs")
-# what --eval-only/--export/--visualize take from the checkpoint unless given; a different --data or
-# --split-seed is refused (another split would put pretraining images in the test split)
+# what --eval-only/--export/--visualize take from the checkpoint unless given (resolve_args)
 CHECKPOINT_DATA_KEYS = ("data", "split_seed", "synthetic_images", "skip_bad", "data_root", "batch_size",
                         "workers", "cache", "seed")
 
@@ -182,6 +181,9 @@ def resolve_args(args, saved=None, explicit=()):
                 raise data.UserError(f"--{k.replace('_', '-')} {getattr(args, k)} differs from the checkpoint's "
                                      f"{saved[k]}: evaluating another split would put pretraining images in the "
                                      f"test split; leave the flag out")
+        for k in MODEL_KEYS:
+            setattr(args, k, saved[k])
+        args.out = args.out or str(Path(args.eval_only or args.export or args.visualize).parent)
     demo = args.data is None
     defaults = dict(arch="vit_tiny", img_size=64, patch_size=8, epochs=6, batch_size=32, warmup_epochs=1,
                     decoder_depth=4, workers=0, synthetic_images=400, log_every=5, blr=5e-3, infobatch=0) if demo else dict(
@@ -198,10 +200,6 @@ def resolve_args(args, saved=None, explicit=()):
         args.amp = "bf16" if torch.cuda.is_available() else "none"
     if args.budget_quantile is None:
         args.budget_quantile = args.mask_ratio
-    if saved is not None:
-        for k in MODEL_KEYS:
-            setattr(args, k, saved[k])
-        args.out = args.out or str(Path(args.eval_only or args.export or args.visualize).parent)
     if args.eval_every is None:
         args.eval_every = max(1, args.epochs // 5)
     if args.out is None:
@@ -490,7 +488,7 @@ def psts_select(tokens, scores, n_keep, rounds, seed_select, temp, stage_probs):
     taken = torch.zeros(B, N, dtype=torch.bool, device=tokens.device).scatter_(1, selected, True)
     unit = F.normalize(tokens.float(), dim=-1)
     max_sim = (unit @ gather_tokens(unit, selected).transpose(1, 2)).amax(-1)           # [B, N]
-    for size in round_sizes(n_keep - n_seed, max(rounds, 1)) if rounds > 0 else []:    # rounds, not images
+    for size in round_sizes(n_keep - n_seed, rounds) if rounds > 0 else []:    # a loop over rounds, not images
         if size == 0:
             continue
         u = torch.rand(B, 1, device=tokens.device)
@@ -739,12 +737,14 @@ def draw_curves(log_path, png_path):
 
 
 def watch_knn(encoder, key, record, args, device, loaders, out):
-    """Global rank 0 (the one with loaders) logs record + {key: 20-NN accuracy of encoder} and redraws
-    OUT/curves.png; the others wait. RNG forked, train/eval mode restored: exact resume unaffected."""
+    """Global rank 0 (the one with loaders) logs record + {key: 20-NN test accuracy of encoder, train
+    split as memory} and redraws OUT/curves.png; the others wait. RNG forked, train/eval mode
+    restored: exact resume unaffected."""
     if loaders is not None:
         with forked_rng(device):
             training = encoder.training
-            record[key] = knn_accuracy(encoder, loaders, args, device)
+            f = {s: extract_features(encoder, loaders[s], device, args.eval_feat) for s in ("train", "test")}
+            record[key] = knn_classify(*f["train"], *f["test"], len(loaders["train"].dataset.classes))
             encoder.train(training)
         write_log(out / "log.jsonl", [record])
         draw_curves(out / "log.jsonl", out / "curves.png")
@@ -955,12 +955,6 @@ def eval_loaders(args, splits=("train", "train1", "test"), batch_size=64, worker
                                  shuffle=False, drop_last=False, seed=args.seed, split_seed=args.split_seed,
                                  workers=workers, cache=args.cache, synthetic_images=args.synthetic_images,
                                  skip_bad=args.skip_bad, distributed=False) for s in splits}
-
-
-def knn_accuracy(encoder, loaders, args, device):
-    """20-NN top-1 % with the train split as memory, on the test split."""
-    features = {s: extract_features(encoder, loaders[s], device, args.eval_feat) for s in ("train", "test")}
-    return knn_classify(*features["train"], *features["test"], len(loaders["train"].dataset.classes))
 
 
 def random_init_encoder(args, device):
