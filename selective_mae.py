@@ -366,7 +366,6 @@ class SelectiveMAE(nn.Module):
         self.encoder = VisionTransformer(args.img_size, self.patch, dim, depth, heads, args.attn)
         dd = args.decoder_width
         if args.decoder == "cross":   # official/CrossMAE: each block's keys/values from the encoder width
-            self.decoder_embed = nn.Identity()
             blocks = [Block(dd, args.decoder_heads, args.attn, dim) for _ in range(args.decoder_depth)]
         else:                         # MAE: one Linear(encoder, decoder width), then self-attention
             self.decoder_embed = nn.Linear(dim, dd)
@@ -405,14 +404,14 @@ class SelectiveMAE(nn.Module):
 
     def decode(self, latent, vis_idx, tgt_idx, key_mask):
         B, R = tgt_idx.shape
-        memory = self.decoder_embed(latent)                       # [B, 1+K, D] (cross) or [B, 1+K, dd] (self)
         pos = self.decoder_pos_embed.expand(B, -1, -1)
         x = self.mask_token + gather_tokens(pos[:, 1:], tgt_idx)             # queries at the targets
-        if self.decoder_kind == "cross":
+        if self.decoder_kind == "cross":                                     # keys/values from latent [B, 1+K, D]
             for blk in self.decoder_blocks:
-                x = blk(x, key_mask, memory)
+                x = blk(x, key_mask, latent)
         else:                                                                # MAE: [visible + targets]
-            memory = memory + torch.cat([pos[:, :1], gather_tokens(pos[:, 1:], vis_idx)], dim=1)
+            pos_vis = torch.cat([pos[:, :1], gather_tokens(pos[:, 1:], vis_idx)], dim=1)
+            memory = self.decoder_embed(latent) + pos_vis                    # [B, 1+K, dd]
             x = torch.cat([memory, x], dim=1)
             if key_mask is not None:
                 key_mask = torch.cat([key_mask, key_mask.new_ones(B, R)], dim=1)
