@@ -290,7 +290,8 @@ class Block(nn.Module):
         self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, 4 * dim)
 
     def forward(self, x, key_mask=None, memory=None):
-        x = x + (self.attn(self.norm1(x), key_mask) if memory is None else self.attn(self.norm1(x), memory, key_mask))
+        h = self.norm1(x)
+        x = x + (self.attn(h, key_mask) if memory is None else self.attn(h, memory, key_mask))
         return x + self.mlp(self.norm2(x))
 
 
@@ -487,7 +488,7 @@ def psts_select(tokens, scores, n_keep, rounds, seed_select, temp, stage_probs):
     taken = torch.zeros(B, N, dtype=torch.bool, device=tokens.device).scatter_(1, selected, True)
     unit = F.normalize(tokens.float(), dim=-1)
     max_sim = (unit @ gather_tokens(unit, selected).transpose(1, 2)).amax(-1)           # [B, N]
-    for size in round_sizes(n_keep - n_seed, rounds) if rounds > 0 else []:    # a loop over rounds, not images
+    for size in round_sizes(n_keep - n_seed, rounds) if rounds > 0 else []:    # rounds, not images
         if size == 0:
             continue
         u = torch.rand(B, 1, device=tokens.device)
