@@ -1,27 +1,43 @@
-"""SelectiveMAE: efficient masked image modelling for remote sensing, in one file.
+"""SelectiveMAE: efficient masked image modelling for remote-sensing scenes, in one file.
 
-Paper: Wang et al., "Scaling Efficient Masked Image Modeling on Large Remote Sensing Dataset"
-(arXiv 2406.11933), official code github.com/Fengxiang23/SelectiveMAE. An MAE whose encoder sees
-only K = floor(N(1-m)) selected patches (m = 0.85: 29 of 196) chosen by HOG seeds plus progressive
-semantic token selection (PSTS), and whose decoder reconstructs only R = floor(N r) of the masked
-patches (r = 0.25: 49 of 196), the R with the highest HOG energy. Like the official training,
-InfoBatch prunes well-learned samples in the first 87.5% of the epochs (--infobatch, on with --data).
+Paper: Wang et al., "Scaling Efficient Masked Image Modeling on Large Remote Sensing Dataset",
+arXiv 2406.11933; official code github.com/Fengxiang23/SelectiveMAE.
 
-Difference from the official code (on purpose): the official "HOG score" is the mean of a
-standardised vector, identically 0, so its semantic choices are uniform random. Here the score is
-a real per-patch HOG energy (kernels/hog.py), which is what the paper describes.
+An MAE whose encoder sees only K = floor(N(1-m)) patches (m = 0.85: 29 of 196 at 224/16) and whose
+decoder reconstructs only R = floor(N r) masked patches (r = 0.25: 49 of 196). The visible set is
+chosen by HOG seeds plus progressive semantic token selection (psts_select, curriculum psts_stage:
+near -> far -> random over training); the targets are the R masked patches with the highest HOG
+energy (select_targets); a CrossMAE cross-attention decoder predicts their normalised pixels.
+--adaptive-budget (our extension) gives busy scenes more tokens, padded and hidden by key masks.
+--infobatch (official: InfoBatch(dataset, epochs, 0.5, 0.875)): in the first 87.5% of the epochs
+half of the below-mean-loss samples are dropped and the kept ones weighted x2; on with --data, off
+in the demo. --resume auto continues OUT/checkpoint.pth exactly; --eval-only/--export/--visualize
+take data, split and model from the checkpoint and write beside it. Read top to bottom: args ->
+model -> selection -> loss -> schedules -> distributed -> InfoBatch -> train -> evaluate ->
+visualize -> bench -> main.
+
+Differs from the official code:
+- HOG score: the official per-patch score is the mean of a standardised vector, identically 0, so
+  its seeds and targets are uniform random (PSTS then grows the seeds by token similarity); here
+  it is a real HOG energy (kernels/hog.py), as the paper describes. --target-select random gives
+  the official targets (--seed-select random also skips PSTS: MAE masking).
+- Curriculum blends are drawn per image and round (equal to the official mix in expectation).
+- bf16 autocast on a GPU (official: fp16 + GradScaler, here --amp fp16); both clip gradients at 1.0.
+- Crops resized bilinear (antialiased, batched on the device; official: bicubic, PIL), and besides
+  horizontal flips also vertical flips and 90-degree turns (p 0.5 each), as for overhead imagery.
+- Not a difference: the cross decoder projects keys/values from the encoder width in every block,
+  as the official/CrossMAE code does (its unused decoder_embed1 is not reproduced).
+- Plain MAE is one flag set away, through the same functions (the throughput baseline).
 
 Launch:
-    python selective_mae.py                                   # CPU demo: synthetic data, ViT-Tiny, 64 px
+    python selective_mae.py                                   # CPU demo: synthetic, ViT-Tiny, 64 px
     python selective_mae.py --data UCM --data-root ../shared/data --arch vit_small --epochs 100
     torchrun --standalone --nproc_per_node=8 selective_mae.py --data AID --data-root /data
-    # the same command plus --resume auto continues OUT/checkpoint.pth exactly (saved every 10 min and on SIGTERM)
-    # plain MAE in the same code path (the throughput baseline):
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
+        --rdzv-id=run1 selective_mae.py --data AID --data-root /data --resume auto   # on each node
     python selective_mae.py --mask-ratio 0.75 --recon-ratio 0.75 --seed-select random \\
-        --target-select random --decoder self
-    python selective_mae.py --eval-only runs/selective_mae_synthetic/checkpoint.pth
-    python selective_mae.py --export runs/selective_mae_synthetic/checkpoint.pth   # -> backbone.pth (timm keys)
-    python selective_mae.py --visualize runs/selective_mae_synthetic/checkpoint.pth
+        --target-select random --decoder self                 # plain MAE
+    python selective_mae.py --eval-only RUN/checkpoint.pth    # also --export, --visualize
     python selective_mae.py --data synthetic --arch vit_base --batch-size 256 --bench 50
 """
 import argparse
@@ -147,8 +163,7 @@ SCRIPT = "selective_mae.py"   # a checkpoint says which script wrote it
 MODEL_KEYS = ("arch", "depth", "patch_size", "img_size", "decoder", "decoder_depth", "decoder_width",
               "decoder_heads", "mask_ratio", "recon_ratio", "seed_select", "psts_rounds", "target_select",
               "adaptive_budget", "budget_quantile", "budget_max", "norm_pix_loss", "epochs")
-# what --eval-only/--export/--visualize take from the checkpoint unless given; a different --data or
-# --split-seed is refused (another split would put pretraining images in the test split)
+# what --eval-only/--export/--visualize take from the checkpoint unless given (resolve_args)
 CHECKPOINT_DATA_KEYS = ("data", "split_seed", "synthetic_images", "skip_bad", "data_root", "batch_size",
                         "workers", "cache", "seed")
 
@@ -166,6 +181,9 @@ def resolve_args(args, saved=None, explicit=()):
                 raise data.UserError(f"--{k.replace('_', '-')} {getattr(args, k)} differs from the checkpoint's "
                                      f"{saved[k]}: evaluating another split would put pretraining images in the "
                                      f"test split; leave the flag out")
+        for k in MODEL_KEYS:
+            setattr(args, k, saved[k])
+        args.out = args.out or str(Path(args.eval_only or args.export or args.visualize).parent)
     demo = args.data is None
     defaults = dict(arch="vit_tiny", img_size=64, patch_size=8, epochs=6, batch_size=32, warmup_epochs=1,
                     decoder_depth=4, workers=0, synthetic_images=400, log_every=5, blr=5e-3, infobatch=0) if demo else dict(
@@ -182,10 +200,6 @@ def resolve_args(args, saved=None, explicit=()):
         args.amp = "bf16" if torch.cuda.is_available() else "none"
     if args.budget_quantile is None:
         args.budget_quantile = args.mask_ratio
-    if saved is not None:
-        for k in MODEL_KEYS:
-            setattr(args, k, saved[k])
-        args.out = args.out or str(Path(args.eval_only or args.export or args.visualize).parent)
     if args.eval_every is None:
         args.eval_every = max(1, args.epochs // 5)
     if args.out is None:
@@ -267,25 +281,17 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim, heads, backend):
+    """LN -> attention -> LN -> MLP; with memory_dim, cross-attention to the encoder output (CrossMAE)."""
+    def __init__(self, dim, heads, backend, memory_dim=None):
         super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads, backend)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = (Attention(dim, heads, backend) if memory_dim is None
+                     else CrossAttention(dim, heads, backend, memory_dim))
         self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, 4 * dim)
 
-    def forward(self, x, key_mask=None):
-        x = x + self.attn(self.norm1(x), key_mask)
-        return x + self.mlp(self.norm2(x))
-
-
-class CrossBlock(nn.Module):
-    """LN -> cross-attention to the encoder output -> LN -> MLP (spec sec. 2, decoder)."""
-    def __init__(self, dim, heads, backend, memory_dim):
-        super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), CrossAttention(dim, heads, backend, memory_dim)
-        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, 4 * dim)
-
-    def forward(self, x, memory, key_mask=None):
-        x = x + self.attn(self.norm1(x), memory, key_mask)
+    def forward(self, x, key_mask=None, memory=None):
+        h = self.norm1(x)
+        x = x + (self.attn(h, key_mask) if memory is None else self.attn(h, memory, key_mask))
         return x + self.mlp(self.norm2(x))
 
 
@@ -361,8 +367,7 @@ class SelectiveMAE(nn.Module):
         self.encoder = VisionTransformer(args.img_size, self.patch, dim, depth, heads, args.attn)
         dd = args.decoder_width
         if args.decoder == "cross":   # official/CrossMAE: each block's keys/values from the encoder width
-            self.decoder_embed = nn.Identity()
-            blocks = [CrossBlock(dd, args.decoder_heads, args.attn, dim) for _ in range(args.decoder_depth)]
+            blocks = [Block(dd, args.decoder_heads, args.attn, dim) for _ in range(args.decoder_depth)]
         else:                         # MAE: one Linear(encoder, decoder width), then self-attention
             self.decoder_embed = nn.Linear(dim, dd)
             blocks = [Block(dd, args.decoder_heads, args.attn) for _ in range(args.decoder_depth)]
@@ -400,14 +405,14 @@ class SelectiveMAE(nn.Module):
 
     def decode(self, latent, vis_idx, tgt_idx, key_mask):
         B, R = tgt_idx.shape
-        memory = self.decoder_embed(latent)                       # [B, 1+K, D] (cross) or [B, 1+K, dd] (self)
         pos = self.decoder_pos_embed.expand(B, -1, -1)
         x = self.mask_token + gather_tokens(pos[:, 1:], tgt_idx)             # queries at the targets
-        if self.decoder_kind == "cross":
+        if self.decoder_kind == "cross":                                     # keys/values from latent [B, 1+K, D]
             for blk in self.decoder_blocks:
-                x = blk(x, memory, key_mask)
+                x = blk(x, key_mask, latent)
         else:                                                                # MAE: [visible + targets]
-            memory = memory + torch.cat([pos[:, :1], gather_tokens(pos[:, 1:], vis_idx)], dim=1)
+            pos_vis = torch.cat([pos[:, :1], gather_tokens(pos[:, 1:], vis_idx)], dim=1)
+            memory = self.decoder_embed(latent) + pos_vis                    # [B, 1+K, dd]
             x = torch.cat([memory, x], dim=1)
             if key_mask is not None:
                 key_mask = torch.cat([key_mask, key_mask.new_ones(B, R)], dim=1)
@@ -454,8 +459,8 @@ def psts_stage(progress):
 def gumbel_keys(scores, temp):
     """Sorting z/T + Gumbel noise and taking the top k = sampling k without replacement from
     softmax(z/T) (Gumbel-top-k); batched, no torch.multinomial. z = the scores standardised per
-    image: raw HOG energies have a per-image std of ~14 on UCM, so softmax(score/1) was nearly
-    one-hot (top-k in all but name) and T's meaning depended on the dataset's contrast."""
+    image: raw HOG energies (per-image std ~25 on UCM) would make softmax(score/1) nearly one-hot
+    (top-k in all but name) and T's meaning depend on the dataset's contrast."""
     s = scores.float()
     z = (s - s.mean(1, keepdim=True)) / (s.std(1, keepdim=True) + 1e-6)
     u = torch.rand_like(s).clamp_(1e-9, 1 - 1e-9)
@@ -483,7 +488,7 @@ def psts_select(tokens, scores, n_keep, rounds, seed_select, temp, stage_probs):
     taken = torch.zeros(B, N, dtype=torch.bool, device=tokens.device).scatter_(1, selected, True)
     unit = F.normalize(tokens.float(), dim=-1)
     max_sim = (unit @ gather_tokens(unit, selected).transpose(1, 2)).amax(-1)           # [B, N]
-    for size in round_sizes(n_keep - n_seed, max(rounds, 1)) if rounds > 0 else []:    # rounds, not images
+    for size in round_sizes(n_keep - n_seed, rounds) if rounds > 0 else []:    # rounds, not images
         if size == 0:
             continue
         u = torch.rand(B, 1, device=tokens.device)
@@ -604,11 +609,9 @@ def set_rng_state(s):
         torch.cuda.set_rng_state(s["cuda"].cpu())
 
 
-def rng_neutral(fn, device):
-    """Run fn() without touching the global RNG (data loading must not shift the training RNG,
-    so a run resumed mid-epoch draws the same augmentations and selections)."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        return fn()
+def forked_rng(device):
+    """`with forked_rng(device):` the global RNG (CPU and this device) is restored afterwards."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 # ------------------------------------------------------------------------------------- InfoBatch
@@ -734,12 +737,14 @@ def draw_curves(log_path, png_path):
 
 
 def watch_knn(encoder, key, record, args, device, loaders, out):
-    """Global rank 0 (the one with loaders) logs record + {key: 20-NN accuracy of encoder} and redraws
-    OUT/curves.png; the others wait. RNG forked, train/eval mode restored: exact resume unaffected."""
+    """Global rank 0 (the one with loaders) logs record + {key: 20-NN test accuracy of encoder, train
+    split as memory} and redraws OUT/curves.png; the others wait. RNG forked, train/eval mode
+    restored: exact resume unaffected."""
     if loaders is not None:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with forked_rng(device):
             training = encoder.training
-            record[key] = knn_accuracy(encoder, loaders, args, device)
+            f = {s: extract_features(encoder, loaders[s], device, args.eval_feat) for s in ("train", "test")}
+            record[key] = knn_classify(*f["train"], *f["test"], len(loaders["train"].dataset.classes))
             encoder.train(training)
         write_log(out / "log.jsonl", [record])
         draw_curves(out / "log.jsonl", out / "curves.png")
@@ -803,8 +808,7 @@ def train(args, rank, world, device):
         infobatch = InfoBatch(len(loader.rows), args.epochs, args.infobatch_prune, args.infobatch_delta, args.seed,
                               rank, world, device)
         loader.sampler.index_sampler = stateful["infobatch"] = infobatch
-    run = {"epoch": 0, "step_in_epoch": 0, "steps_done": 0, "time_s": 0.0, "images_seen": 0, "loss_sum": 0.0,
-           "n_steps": 0}
+    run = {"epoch": 0, "step_in_epoch": 0, "steps_done": 0, "time_s": 0.0, "images_seen": 0, "loss_sum": 0.0}
     ckpt_path = out / "checkpoint.pth"
     resume = ckpt_path if args.resume == "auto" and ckpt_path.exists() else args.resume
     fresh = not resume or resume == "auto"
@@ -845,13 +849,14 @@ def train(args, rank, world, device):
         model.train()
         loader.sampler.set_epoch(epoch)
         n_it = len(loader)           # fewer than steps_per_epoch in InfoBatch's pruned epochs
-        batches = rng_neutral(lambda: iter(loader), device)
-        for _ in range(first):       # resumed mid-epoch: the same sampler order, skip what was done
-            rng_neutral(lambda: next(batches), device)
-        loss_sum = torch.zeros((), device=device) + (run["loss_sum"] if first else 0.0)
-        n_steps = run["n_steps"] if first else 0
+        batches = iter(loader)
+        with forked_rng(device):     # loading must not shift the training RNG (exact mid-epoch resume)
+            for _ in range(first):   # resumed mid-epoch: the same sampler order, skip what was done
+                next(batches)
+        loss_sum = torch.zeros((), device=device) + (run["loss_sum"] if first else 0.0)   # the epoch so far
         for it in range(first, n_it):
-            images, _ = rng_neutral(lambda: next(batches), device)
+            with forked_rng(device):
+                images, _ = next(batches)
             step = epoch * steps_per_epoch + it * steps_per_epoch // n_it   # lr, PSTS: by epoch progress
             for g in optimizer.param_groups:
                 g["lr"] = lrs[step]
@@ -860,7 +865,7 @@ def train(args, rank, world, device):
             loss, _ = train_step(model, core, optimizer, scaler, augment, images.to(device, non_blocking=True),
                                  stages[step], args, weigh)
             loss_sum += loss
-            n_steps, done = n_steps + 1, done + 1
+            done += 1
             images_seen += images.shape[0] * world
             end_of_epoch = it == n_it - 1
             if done % args.log_every == 0 or end_of_epoch:
@@ -875,7 +880,7 @@ def train(args, rank, world, device):
                           flush=True)
             if end_of_epoch:
                 record = {"epoch": epoch, "step": done, "time_s": round(time.time() - t_start, 2), "images_seen":
-                          images_seen, "loss": all_mean(loss_sum / n_steps).item(), "lr": float(lrs[step])}
+                          images_seen, "loss": all_mean(loss_sum / n_it).item(), "lr": float(lrs[step])}
                 if rank == 0:
                     write_log(out / "log.jsonl", [record])
                 if args.eval_every and (epoch + 1) % args.eval_every == 0:
@@ -887,8 +892,7 @@ def train(args, rank, world, device):
                 save_checkpoint(writer, ckpt_path, stateful, args, split_digest(scenes),
                                 {"epoch": at[0], "step_in_epoch": at[1], "steps_done": done,
                                  "progress": (step + 1) / total_steps, "time_s": time.time() - t_start,
-                                 "images_seen": images_seen, "loss_sum": all_mean(loss_sum).item(),
-                                 "n_steps": n_steps})
+                                 "images_seen": images_seen, "loss_sum": all_mean(loss_sum).item()})
             if stop or done == last:
                 writer.wait()
                 finished = at == (args.epochs, 0)
@@ -944,23 +948,18 @@ def knn_classify(train_f, train_y, test_f, test_y, n_classes, k=20, temp=0.07):
     return 100.0 * correct / len(test_f)
 
 
-def eval_loaders(args, splits=("train", "train1", "test")):
+def eval_loaders(args, splits=("train", "train1", "test"), batch_size=64, workers=None):
     """Evaluation loaders of the run's split, resized to --img-size, not sharded."""
-    return {s: data.build_loader(args.data, args.data_root, s, size=args.img_size, batch_size=64, shuffle=False,
-                                 drop_last=False, seed=args.seed, split_seed=args.split_seed, workers=args.workers,
-                                 cache=args.cache, synthetic_images=args.synthetic_images,
+    workers = args.workers if workers is None else workers
+    return {s: data.build_loader(args.data, args.data_root, s, size=args.img_size, batch_size=batch_size,
+                                 shuffle=False, drop_last=False, seed=args.seed, split_seed=args.split_seed,
+                                 workers=workers, cache=args.cache, synthetic_images=args.synthetic_images,
                                  skip_bad=args.skip_bad, distributed=False) for s in splits}
-
-
-def knn_accuracy(encoder, loaders, args, device):
-    """20-NN top-1 % with the train split as memory, on the test split."""
-    features = {s: extract_features(encoder, loaders[s], device, args.eval_feat) for s in ("train", "test")}
-    return knn_classify(*features["train"], *features["test"], len(loaders["train"].dataset.classes))
 
 
 def random_init_encoder(args, device):
     """The encoder as --seed initialises it: the floor of the table and of curves.png (global RNG untouched)."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with forked_rng(device):
         torch.manual_seed(args.seed)
         return SelectiveMAE(args).encoder.to(device)
 
@@ -996,10 +995,7 @@ def visualize(model, args, device, progress, n=8):
     """PNG grid, one row per image: input | visible patches (dimmed = masked, red = targets) |
     input with the reconstructed targets pasted in (norm-pix predictions de-normalised per patch)."""
     from PIL import Image
-    loader = data.build_loader(args.data, args.data_root, "test", size=args.img_size, batch_size=n, shuffle=False,
-                               drop_last=False, seed=args.seed, split_seed=args.split_seed, workers=0,
-                               cache=args.cache, synthetic_images=args.synthetic_images,
-                               skip_bad=args.skip_bad, distributed=False)
+    loader = eval_loaders(args, ("test",), batch_size=n, workers=0)["test"]
     images = data.normalize(next(iter(loader))[0].to(device))
     model.eval()
     probs = torch.tensor(psts_stage(progress)[1], device=device)
