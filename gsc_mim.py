@@ -1,21 +1,38 @@
-"""GSC-MIM: self-distilled complementary masked image modelling for remote-sensing scenes.
+r"""GSC-MIM: self-distilled complementary masked image modelling for remote-sensing scenes.
 
-Reference implementation of "GSC-MIM: Global semantic integrated self-distilled complementary
-masked image model for remote sensing images scene classification" (paper 000 in shared/papers;
-SPEC section 1). No official code exists; where the paper is silent this follows iBOT, which the
-paper builds on. Read top to bottom: arguments -> model -> IPC-Masking -> losses -> teacher/EMA ->
-schedules -> training -> evaluation -> visualisation -> benchmark -> main.
+Paper: "GSC-MIM: Global semantic integrated self-distilled complementary masked image model for
+remote sensing images scene classification", Front. Ecol. Evol., Dec 2022. No official code
+exists: this file is the reference implementation; where the paper is silent it follows iBOT.
 
-    python gsc_mim.py                                   # CPU demo: synthetic data, ViT-Tiny, 64 px
-    python gsc_mim.py --data UCM --data-root ../shared/data --arch vit_small --epochs 300
-    torchrun --standalone --nproc_per_node=8 gsc_mim.py --data AID --data-root /datasets
-    python gsc_mim.py --data UCM --data-root ../shared/data --clean-prob 1   # plain iBOT ablation
-    python gsc_mim.py --data UCM --data-root ../shared/data --ipc-views cross  # m, 1-m on different crops
+A student ViT sees two views of an image under complementary masks (IPC-Masking, ipc_masks: s1
+masks m, s2 masks 1 - m; both clean with probability 0.5) and predicts, at its masked positions,
+the EMA teacher's head output for the same view unmasked (patch_mim_loss); a cross-view [CLS]
+distillation (cls_distillation_loss) adds global semantics. Teacher = EMA of the student
+(ema_update), centring and temperature schedules as in DINO/iBOT. Read top to bottom: args ->
+model -> IPC-Masking -> losses -> teacher/EMA -> schedules -> train -> evaluate -> visualize ->
+bench -> main.
+
+--ipc-views same (default; paper sec. 1, 2.2): one crop per image under m and 1 - m, so the two
+students together reconstruct every patch of it; [CLS] loss against the teacher's other crop.
+--ipc-views cross (ablation): m and 1 - m on two different crops.
+
+Choices where the paper is silent (iBOT's unless said):
+- only [CLS] and masked tokens go through the 8192-way head; the patch centre is the EMA over them;
+- weight decay 0.04 -> 0.4 (the paper's "0.004" read as a typo); per-parameter clip 3.0;
+- teacher temperature per epoch, the same for [CLS] and patches.
+
+Launch:
+    python gsc_mim.py                                   # CPU demo: synthetic, ViT-Tiny, 64 px
+    python gsc_mim.py --data UCM --data-root ../shared/data          # paper: ViT-S/16, 224 px, 300 ep
+    python gsc_mim.py --data UCM --data-root ../shared/data --clean-prob 1   # iBOT-style ablation
     python gsc_mim.py --data UCM --data-root ../shared/data --resume auto    # continue OUT/checkpoint.pth
-    python gsc_mim.py --eval-only runs/gsc_mim_UCM/checkpoint.pth   # data, split, model from the checkpoint
-    python gsc_mim.py --export runs/gsc_mim_UCM/checkpoint.pth      # -> runs/gsc_mim_UCM/backbone.pth (timm)
-    python gsc_mim.py --visualize runs/gsc_mim_UCM/checkpoint.pth   # -> runs/gsc_mim_UCM/visualize.png
-    python gsc_mim.py --bench 20 --arch vit_small --batch-size 128 --img-size 224 --data synthetic
+    torchrun --standalone --nproc_per_node=8 gsc_mim.py --data AID --data-root /datasets
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \
+        --rdzv-id=run1 gsc_mim.py --data AID --data-root /datasets --resume auto    # on each node
+    python gsc_mim.py --bench 20 --data synthetic --arch vit_small --batch-size 128
+    python gsc_mim.py --eval-only runs/gsc_mim_UCM/checkpoint.pth   # also --export, --visualize
+--eval-only, --export and --visualize take data, split and model from the checkpoint and write
+beside it (eval.json, backbone.pth, visualize.png), or into --out.
 """
 import argparse
 import copy
