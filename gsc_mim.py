@@ -207,7 +207,7 @@ def resolve_defaults(args, saved=None, ckpt=None):
 
 # ---- Model: ViT backbone with timm's module names (state_dict keys are timm's) + the iBOT head ---
 class DropPath(nn.Module):
-    """Stochastic depth per sample (student only; the teacher's drop_prob is set to 0)."""
+    """Stochastic depth per sample (the student's; the teacher runs in eval mode: no drop)."""
     def __init__(self, drop_prob=0.0):
         super().__init__()
         self.drop_prob = drop_prob
@@ -390,10 +390,7 @@ def build_student_teacher(args):
                                  norm_last_layer=args.norm_last_layer))
     teacher = copy.deepcopy(student)  # same initial weights (sec. 2.2)
     teacher.backbone.mask_token = None  # the teacher never sees masks
-    for m in teacher.modules():
-        if isinstance(m, DropPath):
-            m.drop_prob = 0.0
-    teacher.requires_grad_(False).eval()
+    teacher.requires_grad_(False).eval()  # eval: DropPath is the identity
     return student, teacher
 
 
