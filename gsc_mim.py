@@ -446,10 +446,7 @@ def ipc_masks(batch, grid_h, grid_w, clean_prob=0.5, ratio_range=(0.1, 0.5), sha
     clean = rng.random(batch) < clean_prob
     ratio = np.where(clean, 0.0, rng.uniform(ratio_range[0], ratio_range[1], size=batch))
     swap = rng.random(batch) < 0.5
-    if shape == "block":
-        m = block_mask(ratio, grid_h, grid_w, rng)
-    else:
-        m = random_mask(ratio, grid_h * grid_w, rng)
+    m = block_mask(ratio, grid_h, grid_w, rng) if shape == "block" else random_mask(ratio, grid_h * grid_w, rng)
     m1 = np.where(swap[:, None], ~m, m)
     m2 = ~m1
     m1[clean], m2[clean] = False, False
@@ -639,10 +636,9 @@ def train_step(run, images, masks, it, epoch):
     """One GSC-MIM step on a uint8 batch and its IPC masks (ipc_batch: built by the loader workers);
     returns detached loss tensors (no host sync)."""
     args, dev, opt = run.args, run.device, run.optimizer
-    for i, g in enumerate(opt.param_groups):
+    for g in opt.param_groups:
         g["lr"] = float(run.lr_schedule[it])
-        if i == 0:
-            g["weight_decay"] = float(run.wd_schedule[it])
+    opt.param_groups[0]["weight_decay"] = float(run.wd_schedule[it])  # the no-decay group stays at 0
     images = images.to(dev, non_blocking=True)
     B = images.shape[0]
     (t1, _), (t2, _) = run.aug_t1(images), run.aug_t2(images)
