@@ -693,13 +693,17 @@ def build_train_loader(args):
                              skip_bad=args.skip_bad, batch_extras=functools.partial(ipc_batch, args=args))
 
 
-def dataset_and_digest(args):
-    """The run's dataset and a digest of its train/test split (relative paths): the checkpoint keeps
-    it, so a resume or --eval-only on other files or another split is refused, a moved copy is not."""
+def dataset_and_digest(args, ck=None, path=None):
+    """The run's dataset and a digest of its train/test split (relative paths), kept in checkpoints:
+    a resume or --eval-only of `ck` on other files or another split is refused, a moved copy is not."""
     scenes = data.build_dataset(args.data, args.data_root, "all", seed=args.split_seed, img_size=args.img_size,
                                 synthetic_images=args.synthetic_images, skip_bad=args.skip_bad)
     split = [[scenes.all_samples[i] for i in scenes.splits[k]] for k in ("train", "test")]
-    return scenes, hashlib.sha1(json.dumps(split).encode()).hexdigest()
+    digest = hashlib.sha1(json.dumps(split).encode()).hexdigest()
+    if ck is not None and ck["split_digest"] != digest:
+        raise data.UserError(f"the files of {args.data} under {args.data_root} differ from the ones {path} was "
+                             f"trained on: pass the --data-root of that run")
+    return scenes, digest
 
 
 # ---- Checkpoints: written in the background; every rank resumes its own random streams ----------
@@ -724,8 +728,8 @@ def load_gsc_checkpoint(path):
     return ck
 
 
-def check_resume(ck, path, args, digest):
-    """--resume continues the same run: the same model, data and split (the data may have moved)."""
+def check_resume(ck, path, args):
+    """--resume continues the same run: the same model, data and split (the files: dataset_and_digest)."""
     saved = ck["args"]
     for k in ARCH_KEYS:
         if saved[k] != getattr(args, k):
@@ -735,9 +739,6 @@ def check_resume(ck, path, args, digest):
         raise data.UserError(f"{path} was trained on --data {saved['data']} --split-seed {saved['split_seed']}, "
                              f"this run has --data {args.data} --split-seed {args.split_seed}: resume on the same "
                              f"data and split")
-    if ck["split_digest"] != digest:
-        raise data.UserError(f"the files of {args.data} under {args.data_root} differ from the ones {path} was "
-                             f"trained on: pass the --data-root of that run")
 
 
 def restore(run, ck, niter):
@@ -872,13 +873,13 @@ def end_epoch(run, sums, n_done, epoch, global_step, log_path):
 def train(args):
     """Pretrain into OUT; returns the run, or None when preempted (checkpointed: exit 0 and resume)."""
     out, main_proc = Path(args.out), args.rank == 0
-    scenes, digest = dataset_and_digest(args)
-    args.load_size = resolve_load_size(args)
     ckpt_path, log_path = out / "checkpoint.pth", out / "log.jsonl"
     resume = str(ckpt_path) if args.resume == "auto" and ckpt_path.exists() else args.resume
     ck = load_gsc_checkpoint(resume) if resume and resume != "auto" else None
     if ck:
-        check_resume(ck, resume, args, digest)
+        check_resume(ck, resume, args)
+    scenes, digest = dataset_and_digest(args, ck, resume)
+    args.load_size = resolve_load_size(args)
     if main_proc:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
@@ -1047,10 +1048,7 @@ def export(backbone, args):
 def evaluate_checkpoint(ck, path, args):
     """--eval-only: the final table on the checkpoint's data and split (refused if the files under
     --data-root are not the ones it was trained on), then curves.png from its log.jsonl."""
-    scenes, digest = dataset_and_digest(args)
-    if digest != ck["split_digest"]:
-        raise data.UserError(f"the files of {args.data} under {args.data_root} differ from the ones {path} was "
-                             f"trained on: pass the --data-root of that run")
+    scenes, _ = dataset_and_digest(args, ck, path)
     data.save_splits(scenes, Path(args.out) / "splits.json")
     evaluate(teacher_backbone(ck, args), args)
     report_curves(Path(path).parent / "log.jsonl", args.out)
