@@ -830,8 +830,8 @@ def evaluate_during_training(run, record, log_path):
     if args.rank == 0:
         start, state = time.time(), rng_state()
         if not any("knn_floor" in r for r in read_log(log_path)):
-            append_log(log_path, {"knn_floor": knn_accuracy(initial_backbone(args), args)})
-        knn = knn_accuracy(run.teacher.backbone, args)
+            append_log(log_path, {"knn_floor": evaluate_backbone(initial_backbone(args), args, knn_only=True)})
+        knn = evaluate_backbone(run.teacher.backbone, args, knn_only=True)
         append_log(log_path, dict(record, knn=knn))
         plot_log(log_path, Path(args.out) / "curves.png")
         set_rng_state(state)
@@ -987,18 +987,16 @@ def knn_classifier(x_train, y_train, x_test, y_test, n_classes, k=20, T=0.07):
     return 100.0 * correct / len(x_test)
 
 
-def knn_accuracy(backbone, args):
+def evaluate_backbone(backbone, args, knn_only=False):
+    """The 20-NN accuracy (alone during training), linear@1% and linear@100%."""
     xtr, ytr, c = extract_features(backbone, "train", args)
     xte, yte, _ = extract_features(backbone, "test", args)
-    return knn_classifier(xtr, ytr, xte, yte, c)
-
-
-def evaluate_backbone(backbone, args):
-    xtr, ytr, c = extract_features(backbone, "train", args)
+    knn = knn_classifier(xtr, ytr, xte, yte, c)
+    if knn_only:
+        return knn
     x1, y1, _ = extract_features(backbone, "train1", args)
-    xte, yte, _ = extract_features(backbone, "test", args)
     return {"linear@1%": linear_probe(x1, y1, xte, yte, c), "linear@100%": linear_probe(xtr, ytr, xte, yte, c),
-            "knn": knn_classifier(xtr, ytr, xte, yte, c)}
+            "knn": knn}
 
 
 def initial_backbone(args):
@@ -1008,24 +1006,19 @@ def initial_backbone(args):
         return build_backbone(args).to(args.device)
 
 
-def evaluate(backbone, args):
-    """Teacher vs randomly initialised backbone (the floor); prints a table, writes OUT/eval.json."""
+def evaluate(backbone, args, log_path):
+    """Teacher vs randomly initialised backbone (the floor): prints a table, writes OUT/eval.json;
+    then OUT/curves.png and the time to accuracy from the run's log_path."""
     res = {"gsc_mim": evaluate_backbone(backbone, args), "random_init": evaluate_backbone(initial_backbone(args), args)}
     print(f"\n{'backbone':<12} {'linear@1%':>10} {'linear@100%':>12} {'knn':>8}   ({args.data}, {args.arch}/{args.patch_size})")
     for name, r in res.items():
         print(f"{name:<12} {r['linear@1%']:>10.2f} {r['linear@100%']:>12.2f} {r['knn']:>8.2f}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "eval.json").write_text(json.dumps(res, indent=2))
-    return res
-
-
-def report_curves(log_path, out):
-    """After the final table: OUT/curves.png and the time to accuracy, from the run's log.jsonl."""
-    if not Path(log_path).exists():
-        return
-    seconds = data.time_to_accuracy(plot_log(log_path, Path(out) / "curves.png"))
-    if seconds is not None:
-        print(f"time to accuracy: {seconds:.0f} s (kNN within 1 point of its final value)")
+    if Path(log_path).exists():
+        seconds = data.time_to_accuracy(plot_log(log_path, Path(args.out) / "curves.png"))
+        if seconds is not None:
+            print(f"time to accuracy: {seconds:.0f} s (kNN within 1 point of its final value)")
 
 
 def teacher_backbone(ck, args):
@@ -1043,15 +1036,6 @@ def export(backbone, args):
     Path(args.out).mkdir(parents=True, exist_ok=True)
     torch.save(sd, Path(args.out) / "backbone.pth")
     print(f"wrote {Path(args.out) / 'backbone.pth'} ({len(sd)} tensors)")
-
-
-def evaluate_checkpoint(ck, path, args):
-    """--eval-only: the final table on the checkpoint's data and split (refused if the files under
-    --data-root are not the ones it was trained on), then curves.png from its log.jsonl."""
-    scenes, _ = dataset_and_digest(args, ck, path)
-    data.save_splits(scenes, Path(args.out) / "splits.json")
-    evaluate(teacher_backbone(ck, args), args)
-    report_curves(Path(path).parent / "log.jsonl", args.out)
 
 
 # ---- Visualisation: crops, the IPC student views, last-layer [CLS] attention (sec. 3.2.3) ---------
@@ -1181,10 +1165,11 @@ def main(argv=None):
     elif ck:  # output beside the checkpoint unless --out (from_checkpoint)
         args.rank, args.world_size = 0, 1
         args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if args.eval_only:
-            evaluate_checkpoint(ck, path, args)
+        backbone = teacher_backbone(ck, args)
+        if args.eval_only:  # the checkpoint's split (refused on other files), its log's curves
+            data.save_splits(dataset_and_digest(args, ck, path)[0], Path(args.out) / "splits.json")
+            evaluate(backbone, args, Path(path).parent / "log.jsonl")
         else:
-            backbone = teacher_backbone(ck, args)
             export(backbone, args) if args.export else visualize(backbone, args)
     else:
         setup_distributed(args)
@@ -1193,8 +1178,7 @@ def main(argv=None):
         if run is not None and args.rank == 0:
             print(f"total wall time {time.time() - t0:.1f} s", flush=True)
             if not args.no_eval:
-                evaluate(run.teacher.backbone, args)
-                report_curves(Path(args.out) / "log.jsonl", args.out)
+                evaluate(run.teacher.backbone, args, Path(args.out) / "log.jsonl")
             if args.demo:  # the demo ends with its picture: inputs, IPC masks, [CLS] attention
                 visualize(run.teacher.backbone, args)
     if dist.is_available() and dist.is_initialized():
