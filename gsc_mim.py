@@ -1110,7 +1110,7 @@ def bench(args):
     images = torch.randint(0, 256, (args.batch_size, 3, args.load_size, args.load_size), dtype=torch.uint8, device=dev)
     masks = ipc_batch(np.random.default_rng(0), args.batch_size, args)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    for i in range(3):  # warm-up (and compilation)
+    for _ in range(3):  # warm-up (and compilation)
         train_step(run, images, masks, 0, 1)
     sync()
     torch.cuda.reset_peak_memory_stats() if dev.type == "cuda" else None
@@ -1162,8 +1162,7 @@ def main(argv=None):
     args = resolve_defaults(args, ck and ck["args"], path)
     if args.bench:
         bench(args)
-    elif ck:  # output beside the checkpoint unless --out (from_checkpoint)
-        args.rank, args.world_size = 0, 1
+    elif ck:  # output beside the checkpoint unless --out (from_checkpoint); one process, no ranks
         args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         backbone = teacher_backbone(ck, args)
         if args.eval_only:  # the checkpoint's split (refused on other files), its log's curves
