@@ -1,24 +1,42 @@
-"""GSC-MIM: self-distilled complementary masked image modelling for remote-sensing scenes.
+r"""GSC-MIM: self-distilled complementary masked image modelling for remote-sensing scenes.
 
-Reference implementation of "GSC-MIM: Global semantic integrated self-distilled complementary
-masked image model for remote sensing images scene classification" (paper 000 in shared/papers;
-SPEC section 1). No official code exists; where the paper is silent this follows iBOT, which the
-paper builds on. Read top to bottom: arguments -> model -> IPC-Masking -> losses -> teacher/EMA ->
-schedules -> training -> evaluation -> visualisation -> benchmark -> main.
+Paper: "GSC-MIM: Global semantic integrated self-distilled complementary masked image model for
+remote sensing images scene classification", Front. Ecol. Evol., Dec 2022. No official code
+exists: this file is the reference implementation; where the paper is silent it follows iBOT.
 
-    python gsc_mim.py                                   # CPU demo: synthetic data, ViT-Tiny, 64 px
-    python gsc_mim.py --data UCM --data-root ../shared/data --arch vit_small --epochs 300
-    torchrun --standalone --nproc_per_node=8 gsc_mim.py --data AID --data-root /datasets
-    python gsc_mim.py --data UCM --data-root ../shared/data --clean-prob 1   # plain iBOT ablation
-    python gsc_mim.py --data UCM --data-root ../shared/data --ipc-views cross  # m, 1-m on different crops
+A student ViT sees two views of an image under complementary masks (IPC-Masking, ipc_masks: s1
+masks m, s2 masks 1 - m; both clean with probability 0.5) and predicts, at its masked positions,
+the EMA teacher's head output for the same view unmasked (patch_mim_loss); a cross-view [CLS]
+distillation (cls_distillation_loss) adds global semantics. Teacher = EMA of the student
+(ema_update), centring and temperature schedules as in DINO/iBOT. Read top to bottom: args ->
+model -> IPC-Masking -> losses -> teacher/EMA -> schedules -> train -> evaluate -> visualize ->
+bench -> main.
+
+--ipc-views same (default; paper sec. 1, 2.2): one crop per image under m and 1 - m, so the two
+students together reconstruct every patch of it; [CLS] loss against the teacher's other crop.
+--ipc-views cross (ablation): m and 1 - m on two different crops.
+
+Choices where the paper is silent (iBOT's unless said):
+- only [CLS] and masked tokens go through the 8192-way head; the patch centre is the EMA over them;
+- weight decay 0.04 -> 0.4 (the paper's "0.004" read as a typo); per-parameter clip 3.0;
+- teacher temperature per epoch, the same for [CLS] and patches.
+
+Launch:
+    python gsc_mim.py                                   # CPU demo: synthetic, ViT-Tiny, 64 px
+    python gsc_mim.py --data UCM --data-root ../shared/data          # paper: ViT-S/16, 224 px, 300 ep
+    python gsc_mim.py --data UCM --data-root ../shared/data --clean-prob 1   # iBOT-style ablation
     python gsc_mim.py --data UCM --data-root ../shared/data --resume auto    # continue OUT/checkpoint.pth
-    python gsc_mim.py --eval-only runs/gsc_mim_UCM/checkpoint.pth   # data, split, model from the checkpoint
-    python gsc_mim.py --export runs/gsc_mim_UCM/checkpoint.pth      # -> runs/gsc_mim_UCM/backbone.pth (timm)
-    python gsc_mim.py --visualize runs/gsc_mim_UCM/checkpoint.pth   # -> runs/gsc_mim_UCM/visualize.png
-    python gsc_mim.py --bench 20 --arch vit_small --batch-size 128 --img-size 224 --data synthetic
+    torchrun --standalone --nproc_per_node=8 gsc_mim.py --data AID --data-root /datasets
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \
+        --rdzv-id=run1 gsc_mim.py --data AID --data-root /datasets --resume auto    # on each node
+    python gsc_mim.py --bench 20 --data synthetic --arch vit_small --batch-size 128
+    python gsc_mim.py --eval-only runs/gsc_mim_UCM/checkpoint.pth   # also --export, --visualize
+--eval-only, --export and --visualize take data, split and model from the checkpoint and write
+beside it (eval.json, backbone.pth, visualize.png), or into --out.
 """
 import argparse
 import copy
+from collections import OrderedDict
 import datetime
 import functools
 import hashlib
@@ -190,7 +208,7 @@ def resolve_defaults(args, saved=None, ckpt=None):
 
 # ---- Model: ViT backbone with timm's module names (state_dict keys are timm's) + the iBOT head ---
 class DropPath(nn.Module):
-    """Stochastic depth per sample (student only; the teacher's drop_prob is set to 0)."""
+    """Stochastic depth per sample (the student's; the teacher runs in eval mode: no drop)."""
     def __init__(self, drop_prob=0.0):
         super().__init__()
         self.drop_prob = drop_prob
@@ -229,22 +247,13 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class Block(nn.Module):
     def __init__(self, dim, heads, drop_path, attn_backend):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, heads, attn_backend)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, 4 * dim)
+        self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, 4 * dim), act=nn.GELU(), fc2=nn.Linear(4 * dim, dim)))
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x):
@@ -373,10 +382,7 @@ def build_student_teacher(args):
                                  norm_last_layer=args.norm_last_layer))
     teacher = copy.deepcopy(student)  # same initial weights (sec. 2.2)
     teacher.backbone.mask_token = None  # the teacher never sees masks
-    for m in teacher.modules():
-        if isinstance(m, DropPath):
-            m.drop_prob = 0.0
-    teacher.requires_grad_(False).eval()
+    teacher.requires_grad_(False).eval()  # eval: DropPath is the identity
     return student, teacher
 
 
@@ -432,10 +438,7 @@ def ipc_masks(batch, grid_h, grid_w, clean_prob=0.5, ratio_range=(0.1, 0.5), sha
     clean = rng.random(batch) < clean_prob
     ratio = np.where(clean, 0.0, rng.uniform(ratio_range[0], ratio_range[1], size=batch))
     swap = rng.random(batch) < 0.5
-    if shape == "block":
-        m = block_mask(ratio, grid_h, grid_w, rng)
-    else:
-        m = random_mask(ratio, grid_h * grid_w, rng)
+    m = block_mask(ratio, grid_h, grid_w, rng) if shape == "block" else random_mask(ratio, grid_h * grid_w, rng)
     m1 = np.where(swap[:, None], ~m, m)
     m2 = ~m1
     m1[clean], m2[clean] = False, False
@@ -625,10 +628,9 @@ def train_step(run, images, masks, it, epoch):
     """One GSC-MIM step on a uint8 batch and its IPC masks (ipc_batch: built by the loader workers);
     returns detached loss tensors (no host sync)."""
     args, dev, opt = run.args, run.device, run.optimizer
-    for i, g in enumerate(opt.param_groups):
+    for g in opt.param_groups:
         g["lr"] = float(run.lr_schedule[it])
-        if i == 0:
-            g["weight_decay"] = float(run.wd_schedule[it])
+    opt.param_groups[0]["weight_decay"] = float(run.wd_schedule[it])  # the no-decay group stays at 0
     images = images.to(dev, non_blocking=True)
     B = images.shape[0]
     (t1, _), (t2, _) = run.aug_t1(images), run.aug_t2(images)
@@ -683,13 +685,17 @@ def build_train_loader(args):
                              skip_bad=args.skip_bad, batch_extras=functools.partial(ipc_batch, args=args))
 
 
-def dataset_and_digest(args):
-    """The run's dataset and a digest of its train/test split (relative paths): the checkpoint keeps
-    it, so a resume or --eval-only on other files or another split is refused, a moved copy is not."""
+def dataset_and_digest(args, ck=None, path=None):
+    """The run's dataset and a digest of its train/test split (relative paths), kept in checkpoints:
+    a resume or --eval-only of `ck` on other files or another split is refused, a moved copy is not."""
     scenes = data.build_dataset(args.data, args.data_root, "all", seed=args.split_seed, img_size=args.img_size,
                                 synthetic_images=args.synthetic_images, skip_bad=args.skip_bad)
     split = [[scenes.all_samples[i] for i in scenes.splits[k]] for k in ("train", "test")]
-    return scenes, hashlib.sha1(json.dumps(split).encode()).hexdigest()
+    digest = hashlib.sha1(json.dumps(split).encode()).hexdigest()
+    if ck is not None and ck["split_digest"] != digest:
+        raise data.UserError(f"the files of {args.data} under {args.data_root} differ from the ones {path} was "
+                             f"trained on: pass the --data-root of that run")
+    return scenes, digest
 
 
 # ---- Checkpoints: written in the background; every rank resumes its own random streams ----------
@@ -714,8 +720,8 @@ def load_gsc_checkpoint(path):
     return ck
 
 
-def check_resume(ck, path, args, digest):
-    """--resume continues the same run: the same model, data and split (the data may have moved)."""
+def check_resume(ck, path, args):
+    """--resume continues the same run: the same model, data and split (the files: dataset_and_digest)."""
     saved = ck["args"]
     for k in ARCH_KEYS:
         if saved[k] != getattr(args, k):
@@ -725,9 +731,6 @@ def check_resume(ck, path, args, digest):
         raise data.UserError(f"{path} was trained on --data {saved['data']} --split-seed {saved['split_seed']}, "
                              f"this run has --data {args.data} --split-seed {args.split_seed}: resume on the same "
                              f"data and split")
-    if ck["split_digest"] != digest:
-        raise data.UserError(f"the files of {args.data} under {args.data_root} differ from the ones {path} was "
-                             f"trained on: pass the --data-root of that run")
 
 
 def restore(run, ck, niter):
@@ -819,8 +822,8 @@ def evaluate_during_training(run, record, log_path):
     if args.rank == 0:
         start, state = time.time(), rng_state()
         if not any("knn_floor" in r for r in read_log(log_path)):
-            append_log(log_path, {"knn_floor": knn_accuracy(initial_backbone(args), args)})
-        knn = knn_accuracy(run.teacher.backbone, args)
+            append_log(log_path, {"knn_floor": evaluate_backbone(initial_backbone(args), args, knn_only=True)})
+        knn = evaluate_backbone(run.teacher.backbone, args, knn_only=True)
         append_log(log_path, dict(record, knn=knn))
         plot_log(log_path, Path(args.out) / "curves.png")
         set_rng_state(state)
@@ -862,13 +865,13 @@ def end_epoch(run, sums, n_done, epoch, global_step, log_path):
 def train(args):
     """Pretrain into OUT; returns the run, or None when preempted (checkpointed: exit 0 and resume)."""
     out, main_proc = Path(args.out), args.rank == 0
-    scenes, digest = dataset_and_digest(args)
-    args.load_size = resolve_load_size(args)
     ckpt_path, log_path = out / "checkpoint.pth", out / "log.jsonl"
     resume = str(ckpt_path) if args.resume == "auto" and ckpt_path.exists() else args.resume
     ck = load_gsc_checkpoint(resume) if resume and resume != "auto" else None
     if ck:
-        check_resume(ck, resume, args, digest)
+        check_resume(ck, resume, args)
+    scenes, digest = dataset_and_digest(args, ck, resume)
+    args.load_size = resolve_load_size(args)
     if main_proc:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
@@ -976,18 +979,16 @@ def knn_classifier(x_train, y_train, x_test, y_test, n_classes, k=20, T=0.07):
     return 100.0 * correct / len(x_test)
 
 
-def knn_accuracy(backbone, args):
+def evaluate_backbone(backbone, args, knn_only=False):
+    """The 20-NN accuracy (alone during training), linear@1% and linear@100%."""
     xtr, ytr, c = extract_features(backbone, "train", args)
     xte, yte, _ = extract_features(backbone, "test", args)
-    return knn_classifier(xtr, ytr, xte, yte, c)
-
-
-def evaluate_backbone(backbone, args):
-    xtr, ytr, c = extract_features(backbone, "train", args)
+    knn = knn_classifier(xtr, ytr, xte, yte, c)
+    if knn_only:
+        return knn
     x1, y1, _ = extract_features(backbone, "train1", args)
-    xte, yte, _ = extract_features(backbone, "test", args)
     return {"linear@1%": linear_probe(x1, y1, xte, yte, c), "linear@100%": linear_probe(xtr, ytr, xte, yte, c),
-            "knn": knn_classifier(xtr, ytr, xte, yte, c)}
+            "knn": knn}
 
 
 def initial_backbone(args):
@@ -997,24 +998,19 @@ def initial_backbone(args):
         return build_backbone(args).to(args.device)
 
 
-def evaluate(backbone, args):
-    """Teacher vs randomly initialised backbone (the floor); prints a table, writes OUT/eval.json."""
+def evaluate(backbone, args, log_path):
+    """Teacher vs randomly initialised backbone (the floor): prints a table, writes OUT/eval.json;
+    then OUT/curves.png and the time to accuracy from the run's log_path."""
     res = {"gsc_mim": evaluate_backbone(backbone, args), "random_init": evaluate_backbone(initial_backbone(args), args)}
     print(f"\n{'backbone':<12} {'linear@1%':>10} {'linear@100%':>12} {'knn':>8}   ({args.data}, {args.arch}/{args.patch_size})")
     for name, r in res.items():
         print(f"{name:<12} {r['linear@1%']:>10.2f} {r['linear@100%']:>12.2f} {r['knn']:>8.2f}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "eval.json").write_text(json.dumps(res, indent=2))
-    return res
-
-
-def report_curves(log_path, out):
-    """After the final table: OUT/curves.png and the time to accuracy, from the run's log.jsonl."""
-    if not Path(log_path).exists():
-        return
-    seconds = data.time_to_accuracy(plot_log(log_path, Path(out) / "curves.png"))
-    if seconds is not None:
-        print(f"time to accuracy: {seconds:.0f} s (kNN within 1 point of its final value)")
+    if Path(log_path).exists():
+        seconds = data.time_to_accuracy(plot_log(log_path, Path(args.out) / "curves.png"))
+        if seconds is not None:
+            print(f"time to accuracy: {seconds:.0f} s (kNN within 1 point of its final value)")
 
 
 def teacher_backbone(ck, args):
@@ -1032,18 +1028,6 @@ def export(backbone, args):
     Path(args.out).mkdir(parents=True, exist_ok=True)
     torch.save(sd, Path(args.out) / "backbone.pth")
     print(f"wrote {Path(args.out) / 'backbone.pth'} ({len(sd)} tensors)")
-
-
-def evaluate_checkpoint(ck, path, args):
-    """--eval-only: the final table on the checkpoint's data and split (refused if the files under
-    --data-root are not the ones it was trained on), then curves.png from its log.jsonl."""
-    scenes, digest = dataset_and_digest(args)
-    if digest != ck["split_digest"]:
-        raise data.UserError(f"the files of {args.data} under {args.data_root} differ from the ones {path} was "
-                             f"trained on: pass the --data-root of that run")
-    data.save_splits(scenes, Path(args.out) / "splits.json")
-    evaluate(teacher_backbone(ck, args), args)
-    report_curves(Path(path).parent / "log.jsonl", args.out)
 
 
 # ---- Visualisation: crops, the IPC student views, last-layer [CLS] attention (sec. 3.2.3) ---------
@@ -1118,7 +1102,7 @@ def bench(args):
     images = torch.randint(0, 256, (args.batch_size, 3, args.load_size, args.load_size), dtype=torch.uint8, device=dev)
     masks = ipc_batch(np.random.default_rng(0), args.batch_size, args)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    for i in range(3):  # warm-up (and compilation)
+    for _ in range(3):  # warm-up (and compilation)
         train_step(run, images, masks, 0, 1)
     sync()
     torch.cuda.reset_peak_memory_stats() if dev.type == "cuda" else None
@@ -1170,13 +1154,13 @@ def main(argv=None):
     args = resolve_defaults(args, ck and ck["args"], path)
     if args.bench:
         bench(args)
-    elif ck:  # output beside the checkpoint unless --out (from_checkpoint)
-        args.rank, args.world_size = 0, 1
+    elif ck:  # output beside the checkpoint unless --out (from_checkpoint); one process, no ranks
         args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if args.eval_only:
-            evaluate_checkpoint(ck, path, args)
+        backbone = teacher_backbone(ck, args)
+        if args.eval_only:  # the checkpoint's split (refused on other files), its log's curves
+            data.save_splits(dataset_and_digest(args, ck, path)[0], Path(args.out) / "splits.json")
+            evaluate(backbone, args, Path(path).parent / "log.jsonl")
         else:
-            backbone = teacher_backbone(ck, args)
             export(backbone, args) if args.export else visualize(backbone, args)
     else:
         setup_distributed(args)
@@ -1185,8 +1169,7 @@ def main(argv=None):
         if run is not None and args.rank == 0:
             print(f"total wall time {time.time() - t0:.1f} s", flush=True)
             if not args.no_eval:
-                evaluate(run.teacher.backbone, args)
-                report_curves(Path(args.out) / "log.jsonl", args.out)
+                evaluate(run.teacher.backbone, args, Path(args.out) / "log.jsonl")
             if args.demo:  # the demo ends with its picture: inputs, IPC masks, [CLS] attention
                 visualize(run.teacher.backbone, args)
     if dist.is_available() and dist.is_initialized():
