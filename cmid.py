@@ -14,9 +14,8 @@ Launch:
   python cmid.py                                     # demo: synthetic scenes, ViT-Tiny, 64 px, CPU
   python cmid.py --data UCM --data-root ../shared/data --epochs 20 --batch-size 32
   torchrun --standalone --nproc_per_node=8 cmid.py --data AID --data-root /datasets  # paper setup
-  python cmid.py --eval-only runs/cmid_UCM/checkpoint.pth --data UCM --data-root ../shared/data
-  python cmid.py --export runs/cmid_UCM/checkpoint.pth   # -> OUT/backbone.pth (torchvision names)
-  python cmid.py --visualize runs/cmid_UCM/checkpoint.pth --data UCM --data-root ../shared/data
+  python cmid.py --eval-only runs/cmid_UCM/checkpoint.pth   # or --export, --visualize: all from the checkpoint
+  torchrun ... cmid.py ... --resume auto                     # continue exactly where a run was saved or preempted
   python cmid.py --bench 20 --arch resnet50 --batch-size 64       # random tensors, images/s, MFU
 """
 import argparse
@@ -101,12 +100,10 @@ def get_args_parser():
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="run folder (runs/cmid_<data>)")
     g.add_argument("--resume", default=None, help="checkpoint path or 'auto' (OUT/checkpoint.pth when it exists)")
-    g.add_argument("--save-every", type=float, default=10, metavar="MINUTES",
-                   help="checkpoint every MINUTES of wall clock (0: only at the end); always at the end, "
-                        "at --max-steps and on SIGTERM/SIGUSR1")
-    g.add_argument("--eval-every", type=int, default=None, metavar="EPOCHS",
-                   help="20-NN accuracy of the teacher every EPOCHS epochs into log.jsonl and curves.png "
-                        "(default: about 5 per run; 0: off)")
+    g.add_argument("--save-every", type=float, default=10, metavar="MINUTES", help="checkpoint every MINUTES "
+                   "(0: only at the end); also at the end, at --max-steps and on SIGTERM/SIGUSR1")
+    g.add_argument("--eval-every", type=int, default=None, metavar="EPOCHS", help="20-NN accuracy of the teacher "
+                   "every EPOCHS epochs into log.jsonl and curves.png (default: about 5 per run; 0: off)")
     g.add_argument("--eval-only", default=None, metavar="CKPT",
                    help="evaluate CKPT: data, split and model from the checkpoint; results beside it unless --out")
     g.add_argument("--export", default=None, metavar="CKPT",
@@ -128,28 +125,27 @@ MODEL_KEYS = ("arch", "patch_size", "depth", "img_size", "proj_hidden", "proj_di
               "local_out", "mask_patch_size", "mask_ratio", "queue_size")
 # What a checkpoint mode takes from its command line instead of the checkpoint: nothing that picks the data, the split
 # or the model (--data-root only finds the same files where the dataset moved; the split check below proves it).
-CKPT_MODE_FLAGS = ("eval_only", "export", "visualize", "out", "data_root", "batch_size", "workers", "cache", "amp",
-                   "attn", "eval_feat", "skip_bad")
+PIPELINE = hasattr(data, "resolve_load_size")   # until data.py has resolve_load_size() and cache="auto"
+CKPT_MODE_FLAGS = ("data_root", "batch_size", "workers", "cache", "attn", "eval_feat", "skip_bad")
+RUN_MODES = ("eval_only", "export", "visualize", "out", "amp")   # always this command's (None: beside it, this machine's)
 
 
-def given_flags(parser, argv):
-    """Destinations of the flags on the command line (the parser allows no abbreviations)."""
-    words = {w.split("=")[0] for w in (sys.argv[1:] if argv is None else argv)}
-    return {a.dest for a in parser._actions if words & set(a.option_strings)}
+def refuse_differences(keys, args, saved, path):
+    """A flag that picks the data split or the model must be the checkpoint's."""
+    if diff := [k for k in keys if getattr(args, k) != saved.get(k)]:
+        flags = lambda ns: " ".join(f"--{k.replace('_', '-')} {ns[k]}" for k in diff)   # noqa: E731
+        raise data.UserError(f"{path} was trained with {flags(saved)}, not {flags(vars(args))}: use the checkpoint's")
 
 
 def resolve_args(args, given=(), ckpt=None):
     """Fill the None sentinels: the paper's settings with --data, the CPU demo without it. In a checkpoint mode (ckpt)
     the data, split and model come from the checkpoint; a given --data, --split-seed or model flag must agree."""
+    path = args.export or args.eval_only or args.visualize   # those write beside their checkpoint
     if ckpt is not None:
         saved = {"split_seed": ckpt["args"]["seed"], **ckpt["args"]}   # before --split-seed, --seed drew the split
-        for k in sorted(set(given) & {"data", "split_seed", *MODEL_KEYS}):
-            if getattr(args, k) != saved[k]:
-                raise data.UserError(f"--{k.replace('_', '-')} {getattr(args, k)} differs from the checkpoint's "
-                                     f"{saved[k]}: a checkpoint is evaluated on its own data, split and model; drop the flag")
-        args = argparse.Namespace(**{**vars(args), **saved, **{k: getattr(args, k) for k in CKPT_MODE_FLAGS
-                                                               if k in given or k in ("eval_only", "export", "visualize", "amp")},
-                                     "resume": None, "bench": 0})
+        refuse_differences(sorted(set(given) & {"data", "split_seed", *MODEL_KEYS}), args, saved, path)
+        args = argparse.Namespace(**{**vars(args), **saved, "resume": None, "bench": 0,
+                                     **{k: getattr(args, k) for k in CKPT_MODE_FLAGS + RUN_MODES if k in given or k in RUN_MODES}})
     demo = args.data is None
     paper = dict(synthetic_images=1000, img_size=224, arch="resnet50", patch_size=16, proj_hidden=2048,
                  proj_dim=256, local_hidden=2048, local_bottleneck=256, local_out=2048,
@@ -161,9 +157,10 @@ def resolve_args(args, given=(), ckpt=None):
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     args.data = args.data or "synthetic"
     args.eval_every = max(1, args.epochs // 5) if args.eval_every is None else args.eval_every
-    path = args.export or args.eval_only or args.visualize   # those write beside their checkpoint
     args.out = args.out or (str(Path(path).parent) if path else f"runs/cmid_{Path(args.data).name}")
     args.amp = args.amp or ("bf16" if torch.cuda.is_available() else "none")
+    if not PIPELINE:   # today's data.py: no cache="auto" yet
+        args.cache = {"auto": None, "none": None}.get(args.cache, args.cache)
     base = 4 if args.arch == "resnet50" else args.patch_size   # the resolution where the mask token is added
     if args.img_size % 32 or args.img_size % args.mask_patch_size or args.mask_patch_size % base:
         raise data.UserError(f"--img-size must be a multiple of 32 and of --mask-patch-size, itself a multiple of {base}")
@@ -578,9 +575,8 @@ def setup_distributed():   # device first, so NCCL binds each rank to its own GP
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:   # the official code's cudnn autotuning; TF32 for the fp32 heads, losses and evaluation
         torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = torch.backends.cudnn.allow_tf32 = True
         torch.set_float32_matmul_precision("high")
-        torch.backends.cudnn.allow_tf32 = True
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=3))
     return device
@@ -672,20 +668,10 @@ def unwrap(m):   # the plain module under torch.compile and DDP
     return getattr(getattr(m, "_orig_mod", m), "module", getattr(m, "_orig_mod", m))
 
 
-# Until data.py has resolve_load_size() and cache="auto" (the pipeline branch): decode at --load-size or --img-size,
-# and "auto" means no cache. Delete these two lines' fallbacks once it has.
-PIPELINE = hasattr(data, "resolve_load_size")
-
-
-def loader_cache(args):
-    return args.cache if PIPELINE else {"auto": None, "none": None}.get(args.cache, args.cache)
-
-
 def load_run_checkpoint(path):
     """A cmid.py checkpoint, on the CPU (data.load_checkpoint); another script's is a UserError that names it."""
     ck = data.load_checkpoint(path)
-    script = ck.get("script", "cmid.py" if {"teacher", "state"} <= ck.keys() else "another script")
-    if script != "cmid.py":
+    if (script := ck.get("script", "cmid.py" if {"teacher", "state"} <= ck.keys() else "another script")) != "cmid.py":
         raise data.UserError(f"{path} is a checkpoint of {script}, not of cmid.py: pass one written by cmid.py")
     return ck
 
@@ -696,16 +682,11 @@ def split_signature(scenes):
     return hashlib.sha1(json.dumps(record).encode()).hexdigest()
 
 
-def check_checkpoint_data(ck, args, scenes, path):
-    """Resume and the checkpoint modes: the same model flags and the same train/test split as the checkpoint."""
-    saved = ck["args"]
-    for k in MODEL_KEYS + ("split_seed",):
-        if getattr(args, k) != saved.get(k, saved["seed"] if k == "split_seed" else None):
-            raise data.UserError(f"{path} was trained with --{k.replace('_', '-')} {saved.get(k)}, this run has "
-                                 f"{getattr(args, k)}: use the checkpoint's flags")
+def check_split(ck, scenes, path):
+    """The data found now must give the checkpoint's train/test split (the dataset may have moved, not changed)."""
     if ck.get("split", split_signature(scenes)) != split_signature(scenes):
-        raise data.UserError(f"{path}: the train/test split of --data {args.data} (--data-root {args.data_root}) is not "
-                             f"the checkpoint's ({saved['data']}): point --data/--data-root at the checkpoint's dataset")
+        raise data.UserError(f"{path}: the train/test split of the data found now is not the checkpoint's "
+                             f"({ck['args']['data']}): point --data/--data-root at the checkpoint's dataset")
 
 
 def read_log(folder):
@@ -713,13 +694,9 @@ def read_log(folder):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def write_log(folder, records):   # rank 0; the whole file, atomically
-    tmp = Path(folder) / "log.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, Path(folder) / "log.jsonl")
-
-
-def write_curves(records, out):
+def write_log(out, records):   # log.jsonl (whole, atomically) and curves.png
+    (tmp := Path(out) / "log.jsonl.tmp").write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, Path(out) / "log.jsonl")
     floor = next((r["knn_floor"] for r in records if "knn_floor" in r), None)
     data.plot_curves([r for r in records if "time_s" in r], Path(out) / "curves.png", floor)
 
@@ -738,46 +715,42 @@ def train(args, device, rank, world):
     """Pretrain -> (teacher, student), or None when preempted (checkpoint saved). Checkpoints every --save-every
     minutes, at the end, at --max-steps and on SIGTERM/SIGUSR1; --resume auto continues exactly from any of them."""
     out, ck_path = Path(args.out), Path(args.out) / "checkpoint.pth"
-    if not args.load_size:
-        args.load_size = data.resolve_load_size(args.data, args.data_root, args.img_size, None, args.synthetic_images) \
-            if PIPELINE else args.img_size
+    args.load_size = args.load_size or (data.resolve_load_size(args.data, args.data_root, args.img_size, None,
+                                                               args.synthetic_images) if PIPELINE else args.img_size)
     loader = data.build_loader(args.data, args.data_root, "train", size=args.load_size, batch_size=args.batch_size,
                                shuffle=True, drop_last=True, seed=args.seed, split_seed=args.split_seed,
-                               workers=args.workers, cache=loader_cache(args), synthetic_images=args.synthetic_images,
+                               workers=args.workers, cache=args.cache, synthetic_images=args.synthetic_images,
                                skip_bad=args.skip_bad)
     scenes, steps_per_epoch = loader.dataset.scenes, len(loader)
     total_steps = min(steps_per_epoch * args.epochs, args.max_steps or steps_per_epoch * args.epochs)
     if steps_per_epoch == 0:
         raise data.UserError(f"{args.data}: fewer training images than --batch-size {args.batch_size} x {world} ranks")
-    resume = ck_path if args.resume == "auto" else args.resume
-    ck = load_run_checkpoint(resume) if resume and (args.resume != "auto" or ck_path.is_file()) else None
-    if ck is not None:
-        check_checkpoint_data(ck, args, scenes, resume)
+    resume = ck_path if args.resume == "auto" and ck_path.is_file() else None if args.resume == "auto" else args.resume
+    if ck := load_run_checkpoint(resume) if resume else None:
+        refuse_differences(MODEL_KEYS + ("split_seed",), args, ck["args"], resume)
+        check_split(ck, scenes, resume)
     if rank == 0:
         data.save_splits(scenes, out / "splits.json")
         (out / "args.json").write_text(json.dumps(vars(args), indent=1))
     student, teacher, state = build_models(args, device, world)
     optimizer, scaler = build_optimizer(student, args), torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    n = steps_per_epoch * args.epochs
     sched = {"lr": cosine_schedule(args.lr, args.min_lr, args.epochs, steps_per_epoch, args.warmup_epochs, 0.01 * args.lr),
              "momentum": cosine_schedule(args.momentum_teacher, 1.0, args.epochs, steps_per_epoch),
-             "teacher_temp": np.interp(np.arange(n), [0, args.warmup_teacher_temp_epochs * steps_per_epoch],
-                                       [args.warmup_teacher_temp, args.teacher_temp])}   # linear, then constant
+             "teacher_temp": np.interp(np.arange(steps_per_epoch * args.epochs), [0, args.warmup_teacher_temp_epochs *
+                                       steps_per_epoch], [args.warmup_teacher_temp, args.teacher_temp])}   # then constant
     random.seed(args.seed + rank), np.random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)
-    step, time_s, seen, sums, records = 0, 0.0, 0, None, []
-    if ck is not None:
+    step, seen, sums, records, clock = 0, 0, None, [], time.time()   # clock: when training began, evaluations left out
+    if ck:
         for name, obj in dict(student=student, teacher=teacher, state=state, optimizer=optimizer, scaler=scaler).items():
             obj.load_state_dict(ck[name])
-        step, time_s, seen = ck["global_step"], ck["time_s"], ck["images_seen"]
+        step, seen, clock = ck["global_step"], ck["images_seen"], clock - ck["time_s"]
         if rank < len(ck["ranks"]):   # a rank the saved run did not have keeps its fresh seed + rank streams
             set_rng_states(ck["ranks"][rank]["rng"], device)
             sums = ck["ranks"][rank]["sums"]
         records = [r for r in read_log(out) if r.get("step", 0) <= step]   # drop what the lost steps logged
         print(f"resumed from {resume}: epoch {step // steps_per_epoch + 1} step {step % steps_per_epoch}") if rank == 0 else None
-    elif rank == 0:
-        (out / "log.jsonl").unlink(missing_ok=True)
     eval_loaders = {s: eval_loader(args, s) for s in ("train", "test")} if args.eval_every and rank == 0 else None
-    if eval_loaders and ck is None:   # the random-init floor of the curves: the seed's initial teacher
+    if eval_loaders and not ck:   # the random-init floor of the curves: the seed's initial teacher
         records.append({"knn_floor": knn_now(teacher, eval_loaders, args, device)})
     write_log(out, records) if rank == 0 else None
     student = wrap_ddp(student, device) if world > 1 else student
@@ -785,12 +758,6 @@ def train(args, device, rank, world):
         student, teacher = torch.compile(student), torch.compile(teacher)
     aug = build_views(args, device)
     writer, points = data.CheckpointWriter(), data.SavePoints(args.save_every, device)
-    tick = time.time()
-
-    def lap():   # training wall clock, evaluations left out
-        nonlocal time_s, tick
-        time_s, tick = time_s + time.time() - tick, time.time()
-        return round(time_s, 2)
 
     def save(epoch_sums):
         ranks = [{"rng": rng_states(device), "sums": epoch_sums}] * world   # each rank resumes its own streams
@@ -799,20 +766,13 @@ def train(args, device, rank, world):
         if rank == 0:
             writer.save(dict(script="cmid.py", student=unwrap(student).state_dict(), teacher=unwrap(teacher).state_dict(),
                              state=state.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                             global_step=step, time_s=lap(), images_seen=seen, split=split_signature(scenes),
-                             args=vars(args), ranks=ranks), ck_path)
+                             global_step=step, time_s=time.time() - clock, images_seen=seen,
+                             split=split_signature(scenes), args=vars(args), ranks=ranks), ck_path)
             print(f"checkpoint {ck_path} at step {step}: snapshot {writer.snapshot_ms:.0f} ms"
                   + (f" (previous write {writer.write_ms:.0f} ms)" if writer.write_ms else ""), flush=True)
 
-    def log(record):
-        records.append(record)
-        with open(out / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-
     names = ["loss", "mim", "global", "local"]
-    for epoch in range(step // steps_per_epoch, args.epochs):
-        if step >= total_steps:
-            break
+    for epoch in range(step // steps_per_epoch, args.epochs if step < total_steps else 0):
         loader.sampler.set_epoch(epoch)
         with torch.random.fork_rng(devices=[]):   # building the iterator must not move the global RNG
             it = iter(loader)
@@ -835,32 +795,32 @@ def train(args, device, rank, world):
                     print(f"epoch {epoch + 1}/{args.epochs} step {i + 1}/{steps_per_epoch} {terms} lr "
                           f"{sched['lr'][step - 1]:.2e} img/s {(i + 1 - first) * args.batch_size * world / dt:.1f} "
                           f"eta {dt / (i + 1 - first) * (total_steps - step) / 60:.1f} min", flush=True)
-            if i + 1 == steps_per_epoch:   # one JSON line per epoch: means over all its steps and ranks
-                total = all_reduce_mean(sums, world)
-                record = {"epoch": epoch + 1, "step": step, "time_s": lap(), "images_seen": seen,
-                          **{k: (total[j] / total[-1]).item() for j, k in enumerate(names)}, "lr": float(sched["lr"][step - 1])}
-                log(record) if rank == 0 else None
+            if i + 1 == steps_per_epoch:   # one JSON line per epoch (means over its steps and ranks), then maybe kNN
+                total, at = all_reduce_mean(sums, world), {"epoch": epoch + 1, "step": step,
+                                                           "time_s": round(time.time() - clock, 2), "images_seen": seen}
+                records.append({**at, **{k: (total[j] / total[-1]).item() for j, k in enumerate(names)},
+                                "lr": float(sched["lr"][step - 1])})
                 if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+                    t_eval = time.time()
                     if rank == 0:
-                        log({**{k: record[k] for k in ("epoch", "step", "time_s", "images_seen")},
-                             "knn": knn_now(teacher, eval_loaders, args, device)})
-                        write_curves(records, out)
+                        records.append({**at, "knn": knn_now(teacher, eval_loaders, args, device)})
                         print(f"epoch {epoch + 1}: 20-NN accuracy {records[-1]['knn']:.2f}%", flush=True)
                     dist.barrier() if world > 1 else None   # the other ranks wait (3 h timeout)
-                    tick = time.time()
+                    clock += time.time() - t_eval
+                write_log(out, records) if rank == 0 else None
             save_now, stop = points.check(step)
             if save_now or stop or step == total_steps:
                 save(sums.cpu() if i + 1 < steps_per_epoch else None)
             if stop:
                 writer.wait()
-                print(f"preempted ({points.signal or 'signal on another rank'}): checkpoint {ck_path} at epoch "
-                      f"{epoch + 1} step {i + 1}; resume with the same command plus --resume auto", flush=True) if rank == 0 else None
+                print(f"preempted ({points.signal or 'signal on another rank'}): checkpoint {ck_path} at epoch {epoch + 1} "
+                      f"step {i + 1}; resume with the same command plus --resume auto", flush=True) if rank == 0 else None
                 return None
             if step == total_steps:
                 break
         sums = None
     writer.wait()
-    if args.max_steps is not None and step < steps_per_epoch * args.epochs and rank == 0:
+    if step < steps_per_epoch * args.epochs and rank == 0:
         print(f"stopped at --max-steps {args.max_steps}; checkpoint saved")
     return unwrap(teacher), unwrap(student)
 
@@ -912,7 +872,7 @@ def eval_loader(args, split):
     """Evaluation resizes whole images to --img-size (no crop), in order, on one process."""
     return data.build_loader(args.data, args.data_root, split, size=args.img_size, batch_size=args.batch_size,
                              shuffle=False, drop_last=False, seed=args.seed, split_seed=args.split_seed,
-                             workers=args.workers, cache=loader_cache(args), synthetic_images=args.synthetic_images,
+                             workers=args.workers, cache=args.cache, synthetic_images=args.synthetic_images,
                              skip_bad=args.skip_bad, distributed=False)
 
 
@@ -992,10 +952,9 @@ def bench(args, device, rank, world):
         step(s)
     sync()
     step_s = (time.time() - t0) / args.bench
-    t0 = time.perf_counter()
+    t0, grid = time.perf_counter(), args.img_size // args.mask_patch_size
     for _ in range(args.bench):
-        aug[0](images), aug[1](images)
-        [random_grid_masks(args.batch_size, args.img_size // args.mask_patch_size, args.mask_ratio, device) for _ in "12"]
+        aug[0](images), aug[1](images), random_grid_masks(args.batch_size, grid, args.mask_ratio, device)
     host_ms = (time.perf_counter() - t0) / args.bench * 1e3
     sync()
     line = (f"bench {args.arch} img {args.img_size} load {load} batch {args.batch_size}x{world} amp {args.amp} attn "
@@ -1012,29 +971,25 @@ def bench(args, device, rank, world):
 
 
 # ----------------------------------------------------------------------------------------- main
-def export(ck, args):
-    """Teacher backbone weights under torchvision ResNet / timm ViT key names -> OUT/backbone.pth."""
-    sd = {k[len("backbone."):]: v for k, v in ck["teacher"].items() if k.startswith("backbone.")}
-    torch.save(sd, out := Path(args.out) / "backbone.pth")
-    print(f"wrote {out}: {len(sd)} tensors ({ck['args']['arch']}, teacher)")
-    return sd
-
-
 def checkpoint_mode(ck, args, device):
-    """--export, --eval-only, --visualize on one process, with the data, split and model of the checkpoint."""
+    """--export, --eval-only, --visualize on one process, with the data, split and model of the checkpoint.
+    --export: the teacher backbone under torchvision ResNet / timm ViT key names -> OUT/backbone.pth."""
     path = Path(args.export or args.eval_only or args.visualize)
     if args.export:
-        return export(ck, args)
+        sd = {k[len("backbone."):]: v for k, v in ck["teacher"].items() if k.startswith("backbone.")}
+        torch.save(sd, out := Path(args.out) / "backbone.pth")
+        print(f"wrote {out}: {len(sd)} tensors ({ck['args']['arch']}, teacher)")
+        return sd
     scenes = data.build_dataset(args.data, args.data_root, "all", seed=args.split_seed, img_size=args.img_size,
                                 synthetic_images=args.synthetic_images, skip_bad=args.skip_bad)
-    check_checkpoint_data(ck, args, scenes, path)
+    check_split(ck, scenes, path)
     if args.visualize:
         (student := Student(args)).load_state_dict(ck["student"])
         return visualize(student, args, device)
     (enc := Encoder(args)).load_state_dict(ck["teacher"])
     evaluate(enc.backbone.to(device), args, device)
     if records := read_log(path.parent):   # the learning curves of the run that wrote the checkpoint
-        write_curves(records, args.out)
+        write_log(args.out, records)
 
 
 def main(argv=None):
@@ -1042,7 +997,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     demo, path = args.data is None, args.eval_only or args.export or args.visualize
     ck = load_run_checkpoint(path) if path else None
-    args = resolve_args(args, given_flags(parser, argv), ck)
+    words = {w.split("=")[0] for w in (sys.argv[1:] if argv is None else argv)}   # the flags given (no abbreviations)
+    args = resolve_args(args, {a.dest for a in parser._actions if words & set(a.option_strings)}, ck)
     device = setup_distributed()
     rank, world = data.rank(), data.world_size()
     if args.lr is None:

@@ -333,9 +333,9 @@ def test_export_uses_torchvision_and_timm_names(tmp_path):
         vit |= {f"blocks.{i}.{m}.{s}" for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
                 for s in ("weight", "bias")}
     for arch, keys in (("resnet50", expected), ("vit_tiny", vit)):
-        args = tiny_args("--arch", arch, "--img-size", "64", "--mask-patch-size", "32", "--out", str(tmp_path))
+        args = tiny_args("--arch", arch, "--img-size", "64", "--mask-patch-size", "32", "--out", str(tmp_path), "--export", "ck")
         enc = cmid.Encoder(args)
-        sd = cmid.export({"teacher": enc.state_dict(), "args": vars(args)}, args)
+        sd = cmid.checkpoint_mode({"teacher": enc.state_dict(), "args": vars(args)}, args, torch.device("cpu"))
         assert set(sd) == keys, set(sd) ^ keys
         assert len(keys) == (318 if arch == "resnet50" else 6 + 2 * 12)
         assert torch.load(tmp_path / "backbone.pth").keys() == sd.keys()
@@ -349,19 +349,23 @@ def test_script_trains_then_checkpoint_modes_work_from_the_checkpoint_alone(tmp_
     assert set(trained) == {"cmid", "random init"} and set(trained["cmid"]) == {"linear@1%", "linear@100%", "knn"}
     assert [r for r in read_log(out) if "knn" in r][-1]["knn"] == trained["cmid"]["knn"]   # one kNN protocol
     assert json.loads((out / "splits.json").read_text())["seed"] == 0                     # --split-seed, not --seed
-    (out / "eval.json").unlink(), (out / "curves.png").unlink()
-    ck = str(out / "checkpoint.pth")
+    moved = tmp_path / "moved"                                        # outputs go beside the checkpoint, wherever
+    moved.mkdir()
+    for name in ("checkpoint.pth", "log.jsonl"):
+        shutil.move(out / name, moved / name)
+    ck = str(moved / "checkpoint.pth")
     capsys.readouterr()
     cmid.main(["--eval-only", ck, "--seed", "5", "--workers", "0"])   # data, split, model: the checkpoint's
     header = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("evaluation on")]
     assert header == [ln for ln in proc.stdout.splitlines() if ln.startswith("evaluation on")]
-    assert json.loads((out / "eval.json").read_text())["cmid"] == trained["cmid"]
-    assert (out / "curves.png").is_file()
+    assert json.loads((moved / "eval.json").read_text())["cmid"] == trained["cmid"]
+    assert (moved / "curves.png").is_file()
     cmid.main(["--visualize", ck])
     from PIL import Image
-    assert Image.open(out / "visualize.png").size == (4 * 32, 8 * 32)
-    assert len(cmid.main(["--export", ck]) or torch.load(out / "backbone.pth")) == 6 + 2 * 12
-    with pytest.raises(data.UserError, match="--split-seed 1 differs from the checkpoint's 0"):
+    assert Image.open(moved / "visualize.png").size == (4 * 32, 8 * 32)
+    cmid.main(["--export", ck])
+    assert len(torch.load(moved / "backbone.pth")) == 6 + 2 * 12
+    with pytest.raises(data.UserError, match="was trained with --split-seed 0, not --split-seed 1"):
         cmid.main(["--eval-only", ck, "--split-seed", "1"])
     assert cmid.main(TINY + ["--out", str(out), "--bench", "1"]) is None
     assert "data side" in capsys.readouterr().out
@@ -376,7 +380,7 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
     cmid.main(TINY + ["--epochs", "1", "--max-steps", "1", "--no-eval", "--out", str(vit)])
     cases = {"unknown dataset name 'nope'": ["--data", "nope"],
              "is a checkpoint of another script": ["--eval-only", str(tmp_path / "mae.pth")],
-             "was trained with --arch vit_tiny, this run has resnet50": TINY + [
+             "was trained with --arch vit_tiny --img-size 32 --mask-patch-size 16, not --arch resnet50": TINY + [
                  "--arch", "resnet50", "--img-size", "64", "--mask-patch-size", "32", "--out", str(vit), "--resume", "auto"],
              "loss is nan at step 2: lower --lr": TINY + ["--lr", "1e30", "--out", str(tmp_path / "nan")]}
     for message, argv in cases.items():
