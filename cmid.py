@@ -14,18 +14,20 @@ Launch:
   python cmid.py                                     # demo: synthetic scenes, ViT-Tiny, 64 px, CPU
   python cmid.py --data UCM --data-root ../shared/data --epochs 20 --batch-size 32
   torchrun --standalone --nproc_per_node=8 cmid.py --data AID --data-root /datasets  # paper setup
-  python cmid.py --eval-only runs/cmid_UCM/checkpoint.pth --data UCM --data-root ../shared/data
-  python cmid.py --export runs/cmid_UCM/checkpoint.pth   # -> OUT/backbone.pth (torchvision names)
-  python cmid.py --visualize runs/cmid_UCM/checkpoint.pth --data UCM --data-root ../shared/data
+  python cmid.py --eval-only runs/cmid_UCM/checkpoint.pth   # or --export, --visualize: all from the checkpoint
+  torchrun ... cmid.py ... --resume auto                     # continue exactly where a run was saved or preempted
   python cmid.py --bench 20 --arch resnet50 --batch-size 64       # random tensors, images/s, MFU
 """
 import argparse
 import copy
 import datetime
+import hashlib
+import inspect
 import json
 import math
 import os
 import random
+import sys
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -44,16 +46,19 @@ CMID_STD = (0.136, 0.135, 0.141)
 
 # ----------------------------------------------------------------------------------------- args
 def get_args_parser():
-    p = argparse.ArgumentParser("CMID", description=__doc__,
+    p = argparse.ArgumentParser("CMID", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="AID | NWPU-RESISC45 | UCM | synthetic | folder-per-class "
                    "path; omitted = small CPU demo on synthetic data")
     g.add_argument("--data-root", default="./datasets", help="where the named datasets live")
     g.add_argument("--synthetic-images", type=int, default=None, help="size of the synthetic dataset (1000; demo 500)")
-    g.add_argument("--img-size", type=int, default=None, help="images are resized to this, crops too (224; demo 64)")
+    g.add_argument("--img-size", type=int, default=None, help="training crop size; evaluation resizes to it (224; demo 64)")
+    g.add_argument("--load-size", type=int, default=None,
+                   help="decode size the training crops are taken from (default: native, at most 2x --img-size)")
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
-    g.add_argument("--cache", default=None, help="folder for the uint8 memmap cache (fast path)")
+    g.add_argument("--cache", default="auto", help="uint8 cache of the decoded dataset: auto (default location), none, or a folder")
+    g.add_argument("--split-seed", type=int, default=0, help="seed of the train/test split; stored in the checkpoint")
     g.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of failing")
     g = p.add_argument_group("model")
     g.add_argument("--arch", default=None, choices=["resnet50", "vit_tiny", "vit_small", "vit_base"],
@@ -94,14 +99,20 @@ def get_args_parser():
     g.add_argument("--min-lr", type=float, default=1e-6, help="lr at the end of the cosine")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="run folder (runs/cmid_<data>)")
-    g.add_argument("--resume", default=None, help="checkpoint path or 'auto' (OUT/checkpoint.pth)")
-    g.add_argument("--eval-only", default=None, metavar="CKPT", help="evaluate a checkpoint's teacher and exit")
-    g.add_argument("--export", default=None, metavar="CKPT", help="write OUT/backbone.pth and exit")
-    g.add_argument("--visualize", default=None, metavar="CKPT", help="write OUT/visualize.png and exit")
+    g.add_argument("--resume", default=None, help="checkpoint path or 'auto' (OUT/checkpoint.pth when it exists)")
+    g.add_argument("--save-every", type=float, default=10, metavar="MINUTES", help="checkpoint every MINUTES "
+                   "(0: only at the end); also at the end, at --max-steps and on SIGTERM/SIGUSR1")
+    g.add_argument("--eval-every", type=int, default=None, metavar="EPOCHS", help="20-NN accuracy of the teacher "
+                   "every EPOCHS epochs into log.jsonl and curves.png (default: about 5 per run; 0: off)")
+    g.add_argument("--eval-only", default=None, metavar="CKPT",
+                   help="evaluate CKPT: data, split and model from the checkpoint; results beside it unless --out")
+    g.add_argument("--export", default=None, metavar="CKPT",
+                   help="write the backbone of CKPT with timm names to backbone.pth beside it unless --out")
+    g.add_argument("--visualize", default=None, metavar="CKPT", help="write visualize.png for CKPT beside it unless --out")
     g.add_argument("--bench", type=int, default=0, metavar="STEPS", help="time STEPS steps on random tensors")
     g.add_argument("--compile", action="store_true", help="torch.compile the student and teacher")
     g.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"], help="autocast (bf16 on CUDA)")
-    g.add_argument("--seed", type=int, default=0, help="seed (offset by rank for augmentation)")
+    g.add_argument("--seed", type=int, default=0, help="seed of weights, augmentation and order (offset by rank)")
     g.add_argument("--log-every", type=int, default=20, help="steps between log lines")
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many global steps")
     g.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
@@ -110,12 +121,31 @@ def get_args_parser():
     return p
 
 
-def resolve_args(args):
-    """Fill the None sentinels: the paper's settings with --data, the CPU demo without it."""
-    if args.data is None and (args.eval_only or args.visualize):   # the checkpoint's own data, not the demo's
-        saved = torch.load(args.eval_only or args.visualize, map_location="cpu", weights_only=False, mmap=True)["args"]
-        args.data, args.synthetic_images = saved["data"], args.synthetic_images or saved["synthetic_images"]
-        args.data_root = saved["data_root"] if args.data_root == "./datasets" else args.data_root
+MODEL_KEYS = ("arch", "patch_size", "depth", "img_size", "proj_hidden", "proj_dim", "local_hidden", "local_bottleneck",
+              "local_out", "mask_patch_size", "mask_ratio", "queue_size")
+# What a checkpoint mode takes from its command line instead of the checkpoint: nothing that picks the data, the split
+# or the model (--data-root only finds the same files where the dataset moved; the split check below proves it).
+PIPELINE = hasattr(data, "resolve_load_size")   # until data.py has resolve_load_size() and cache="auto"
+CKPT_MODE_FLAGS = ("data_root", "batch_size", "workers", "cache", "attn", "eval_feat", "skip_bad")
+RUN_MODES = ("eval_only", "export", "visualize", "out", "amp")   # always this command's (None: beside it, this machine's)
+
+
+def refuse_differences(keys, args, saved, path):
+    """A flag that picks the data split or the model must be the checkpoint's."""
+    if diff := [k for k in keys if getattr(args, k) != saved.get(k)]:
+        flags = lambda ns: " ".join(f"--{k.replace('_', '-')} {ns[k]}" for k in diff)   # noqa: E731
+        raise data.UserError(f"{path} was trained with {flags(saved)}, not {flags(vars(args))}: use the checkpoint's")
+
+
+def resolve_args(args, given=(), ckpt=None):
+    """Fill the None sentinels: the paper's settings with --data, the CPU demo without it. In a checkpoint mode (ckpt)
+    the data, split and model come from the checkpoint; a given --data, --split-seed or model flag must agree."""
+    path = args.export or args.eval_only or args.visualize   # those write beside their checkpoint
+    if ckpt is not None:
+        saved = {"split_seed": ckpt["args"]["seed"], **ckpt["args"]}   # before --split-seed, --seed drew the split
+        refuse_differences(sorted(set(given) & {"data", "split_seed", *MODEL_KEYS}), args, saved, path)
+        args = argparse.Namespace(**{**vars(args), **saved, "resume": None, "bench": 0,
+                                     **{k: getattr(args, k) for k in CKPT_MODE_FLAGS + RUN_MODES if k in given or k in RUN_MODES}})
     demo = args.data is None
     paper = dict(synthetic_images=1000, img_size=224, arch="resnet50", patch_size=16, proj_hidden=2048,
                  proj_dim=256, local_hidden=2048, local_bottleneck=256, local_out=2048,
@@ -126,12 +156,14 @@ def resolve_args(args):
     for k, v in (small if demo else paper).items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     args.data = args.data or "synthetic"
-    ckpt = args.export or args.eval_only or args.visualize   # those write beside their checkpoint
-    args.out = args.out or (str(Path(ckpt).parent) if ckpt else f"runs/cmid_{Path(args.data).name}")
+    args.eval_every = max(1, args.epochs // 5) if args.eval_every is None else args.eval_every
+    args.out = args.out or (str(Path(path).parent) if path else f"runs/cmid_{Path(args.data).name}")
     args.amp = args.amp or ("bf16" if torch.cuda.is_available() else "none")
+    if not PIPELINE:   # today's data.py: no cache="auto" yet
+        args.cache = {"auto": None, "none": None}.get(args.cache, args.cache)
     base = 4 if args.arch == "resnet50" else args.patch_size   # the resolution where the mask token is added
     if args.img_size % 32 or args.img_size % args.mask_patch_size or args.mask_patch_size % base:
-        raise SystemExit(f"--img-size must be a multiple of 32 and of --mask-patch-size, itself a multiple of {base}")
+        raise data.UserError(f"--img-size must be a multiple of 32 and of --mask-patch-size, itself a multiple of {base}")
     return args
 
 
@@ -541,7 +573,10 @@ def cosine_schedule(base, final, epochs, steps_per_epoch, warmup_epochs=0, warmu
 def setup_distributed():   # device first, so NCCL binds each rank to its own GPU; the long timeout lets
     cuda = torch.cuda.is_available()   # the other ranks wait while rank 0 evaluates
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    torch.cuda.set_device(device) if cuda else None
+    if cuda:   # the official code's cudnn autotuning; TF32 for the fp32 heads, losses and evaluation
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=3))
     return device
@@ -558,7 +593,7 @@ def build_views(args, device):
 
 def build_models(args, device, world):
     torch.manual_seed(args.seed)   # same initial weights on every rank
-    student = Student(args)
+    student = match_grad_layout(Student(args))
     teacher = copy.deepcopy(student.encoder)
     state = MethodState(args.queue_size, args.proj_dim, args.local_out, args.seed)
     if device.type == "cuda" and world > 1:   # every BatchNorm (ResNet's, the local head's) on the global batch
@@ -567,6 +602,19 @@ def build_models(args, device, world):
         student, teacher = (m.to(memory_format=torch.channels_last) for m in (student, teacher))
     teacher.requires_grad_(False)
     return student.to(device), teacher.to(device), state.to(device)
+
+
+def match_grad_layout(student):
+    """Store the heads' 1x1-conv weights [out, in, 1(, 1)] channels-last (the same memory order): a convolution returns a
+    channels-last weight gradient whenever its input or weight is channels-last, as the ViT map (a transposed token view)
+    and the CUDA ResNet map are. DDP needs gradient strides = parameter strides, else it warns 'grad strides do not
+    match bucket view strides' and copies the gradient every step."""
+    for name, m in student.named_modules():   # (the weight-normed last layer's gradient comes out of its norm, contiguous)
+        if isinstance(m, nn.Conv1d | nn.Conv2d) and set(m.kernel_size) == {1} and not name.startswith("encoder.backbone") \
+                and not nn.utils.parametrize.is_parametrized(m):
+            w = m.weight
+            w.data = torch.empty_strided(w.shape, (w.shape[1], 1) + (w.shape[1],) * (w.dim() - 2)).copy_(w.data)
+    return student
 
 
 def autocast(args, device):
@@ -597,113 +645,183 @@ def train_step(student, teacher, state, optimizer, scaler, images, aug, sched, s
     return {k: v.detach() for k, v in losses.items()}
 
 
-def rng_states():
+def rng_states(device):   # this rank's streams: python, numpy, torch CPU and its own GPU
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def set_rng_states(s):
-    random.setstate(s["python"]), np.random.set_state(s["numpy"]), torch.set_rng_state(s["torch"])
-    torch.cuda.set_rng_state_all(s["cuda"]) if s["cuda"] is not None and torch.cuda.is_available() else None
+def set_rng_states(s, device):   # .cpu(): torch.set_rng_state rejects a state that was loaded onto a GPU
+    random.setstate(s["python"]), np.random.set_state(s["numpy"]), torch.set_rng_state(s["torch"].cpu())
+    torch.cuda.set_rng_state(s["cuda"].cpu(), device) if s["cuda"] is not None and device.type == "cuda" else None
 
 
 def wrap_ddp(student, device):
-    """DDP without its per-forward buffer broadcast, which rewrote BatchNorm stats saved for backward by the student's
-    first call (one per view; torch 2.11 raises). No loss reads running stats; SyncBatchNorm keeps them equal."""
-    return nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None,
-                                               broadcast_buffers=False)
+    """DDP without its per-forward buffer sync, which rewrote BatchNorm stats saved for backward by the student's first
+    call (one per view; torch 2.11 raises). No loss reads running stats; SyncBatchNorm keeps them equal. torch 2.13
+    renamed the flag (forward_sync_buffers)."""
+    DDP = nn.parallel.DistributedDataParallel
+    flag = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+    return DDP(student, device_ids=[device.index] if device.type == "cuda" else None, **{flag: False})
 
 
 def unwrap(m):   # the plain module under torch.compile and DDP
     return getattr(getattr(m, "_orig_mod", m), "module", getattr(m, "_orig_mod", m))
 
 
+def load_run_checkpoint(path):
+    """A cmid.py checkpoint, on the CPU (data.load_checkpoint); another script's is a UserError that names it."""
+    ck = data.load_checkpoint(path)
+    if (script := ck.get("script", "cmid.py" if {"teacher", "state"} <= ck.keys() else "another script")) != "cmid.py":
+        raise data.UserError(f"{path} is a checkpoint of {script}, not of cmid.py: pass one written by cmid.py")
+    return ck
+
+
+def split_signature(scenes):
+    """What a checkpoint must agree with: classes and the train/test files (not where they live)."""
+    record = [scenes.classes] + [[scenes.all_samples[i] for i in scenes.splits[s]] for s in ("train", "test")]
+    return hashlib.sha1(json.dumps(record).encode()).hexdigest()
+
+
+def check_split(ck, scenes, path):
+    """The data found now must give the checkpoint's train/test split (the dataset may have moved, not changed)."""
+    if ck.get("split", split_signature(scenes)) != split_signature(scenes):
+        raise data.UserError(f"{path}: the train/test split of the data found now is not the checkpoint's "
+                             f"({ck['args']['data']}): point --data/--data-root at the checkpoint's dataset")
+
+
+def read_log(folder):
+    path = Path(folder) / "log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def write_log(out, records):   # log.jsonl (whole, atomically) and curves.png
+    (tmp := Path(out) / "log.jsonl.tmp").write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, Path(out) / "log.jsonl")
+    floor = next((r["knn_floor"] for r in records if "knn_floor" in r), None)
+    data.plot_curves([r for r in records if "time_s" in r], Path(out) / "curves.png", floor)
+
+
+def knn_now(teacher, loaders, args, device):
+    """The final table's 20-NN accuracy of the teacher backbone now (rank 0), leaving the RNG streams and the train mode
+    as they were: an evaluation never changes the training that follows it."""
+    backbone, mode = unwrap(teacher).backbone, unwrap(teacher).backbone.training
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        (xtr, ytr), (xte, yte) = (extract_features(backbone, loaders[s], device, args) for s in ("train", "test"))
+    backbone.train(mode)
+    return knn_classify(xtr, ytr, xte, yte, len(loaders["test"].dataset.classes))
+
+
 def train(args, device, rank, world):
-    out = Path(args.out)
-    loader = data.build_loader(args.data, args.data_root, "train", size=args.img_size, batch_size=args.batch_size,
-                               shuffle=True, drop_last=True, seed=args.seed, workers=args.workers, cache=args.cache,
-                               synthetic_images=args.synthetic_images, skip_bad=args.skip_bad)
-    steps_per_epoch, total_steps = len(loader), len(loader) * args.epochs
+    """Pretrain -> (teacher, student), or None when preempted (checkpoint saved). Checkpoints every --save-every
+    minutes, at the end, at --max-steps and on SIGTERM/SIGUSR1; --resume auto continues exactly from any of them."""
+    out, ck_path = Path(args.out), Path(args.out) / "checkpoint.pth"
+    args.load_size = args.load_size or (data.resolve_load_size(args.data, args.data_root, args.img_size, None,
+                                                               args.synthetic_images) if PIPELINE else args.img_size)
+    loader = data.build_loader(args.data, args.data_root, "train", size=args.load_size, batch_size=args.batch_size,
+                               shuffle=True, drop_last=True, seed=args.seed, split_seed=args.split_seed,
+                               workers=args.workers, cache=args.cache, synthetic_images=args.synthetic_images,
+                               skip_bad=args.skip_bad)
+    scenes, steps_per_epoch = loader.dataset.scenes, len(loader)
+    total_steps = min(steps_per_epoch * args.epochs, args.max_steps or steps_per_epoch * args.epochs)
     if steps_per_epoch == 0:
-        raise ValueError(f"{args.data}: fewer training images than --batch-size {args.batch_size} x {world} ranks")
-    if rank == 0 and hasattr(loader.dataset, "scenes"):
-        data.save_splits(loader.dataset.scenes, out / "splits.json")
+        raise data.UserError(f"{args.data}: fewer training images than --batch-size {args.batch_size} x {world} ranks")
+    resume = ck_path if args.resume == "auto" and ck_path.is_file() else None if args.resume == "auto" else args.resume
+    if ck := load_run_checkpoint(resume) if resume else None:
+        refuse_differences(MODEL_KEYS + ("split_seed",), args, ck["args"], resume)
+        check_split(ck, scenes, resume)
+    if rank == 0:
+        data.save_splits(scenes, out / "splits.json")
+        (out / "args.json").write_text(json.dumps(vars(args), indent=1))
     student, teacher, state = build_models(args, device, world)
     optimizer, scaler = build_optimizer(student, args), torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     sched = {"lr": cosine_schedule(args.lr, args.min_lr, args.epochs, steps_per_epoch, args.warmup_epochs, 0.01 * args.lr),
              "momentum": cosine_schedule(args.momentum_teacher, 1.0, args.epochs, steps_per_epoch),
-             "teacher_temp": np.interp(np.arange(total_steps), [0, args.warmup_teacher_temp_epochs * steps_per_epoch],
-                                       [args.warmup_teacher_temp, args.teacher_temp])}   # linear, then constant
-    start_epoch, start_step, sums, rng = 0, 0, None, None
-    ckpt_path = out / "checkpoint.pth"
-    resume = ckpt_path if args.resume == "auto" else args.resume
-    if args.resume not in (None, "auto") and not Path(resume).is_file():
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
-    if resume and Path(resume).is_file():
-        ck = torch.load(resume, map_location="cpu", weights_only=False)
+             "teacher_temp": np.interp(np.arange(steps_per_epoch * args.epochs), [0, args.warmup_teacher_temp_epochs *
+                                       steps_per_epoch], [args.warmup_teacher_temp, args.teacher_temp])}   # then constant
+    random.seed(args.seed + rank), np.random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)
+    step, seen, sums, records, clock = 0, 0, None, [], time.time()   # clock: when training began, evaluations left out
+    if ck:
         for name, obj in dict(student=student, teacher=teacher, state=state, optimizer=optimizer, scaler=scaler).items():
             obj.load_state_dict(ck[name])
-        start_epoch, start_step, sums, rng = ck["epoch"], ck["step_in_epoch"], ck["ranks"][rank]["sums"], ck["ranks"][rank]["rng"]
-        if start_step >= steps_per_epoch:
-            start_epoch, start_step, sums = start_epoch + 1, 0, None
-        print(f"resumed from {resume}: epoch {start_epoch} step {start_step}") if rank == 0 else None
+        step, seen, clock = ck["global_step"], ck["images_seen"], clock - ck["time_s"]
+        if rank < len(ck["ranks"]):   # a rank the saved run did not have keeps its fresh seed + rank streams
+            set_rng_states(ck["ranks"][rank]["rng"], device)
+            sums = ck["ranks"][rank]["sums"]
+        records = [r for r in read_log(out) if r.get("step", 0) <= step]   # drop what the lost steps logged
+        print(f"resumed from {resume}: epoch {step // steps_per_epoch + 1} step {step % steps_per_epoch}") if rank == 0 else None
+    eval_loaders = {s: eval_loader(args, s) for s in ("train", "test")} if args.eval_every and rank == 0 else None
+    if eval_loaders and not ck:   # the random-init floor of the curves: the seed's initial teacher
+        records.append({"knn_floor": knn_now(teacher, eval_loaders, args, device)})
+    write_log(out, records) if rank == 0 else None
     student = wrap_ddp(student, device) if world > 1 else student
     if args.compile:
         student, teacher = torch.compile(student), torch.compile(teacher)
-    random.seed(args.seed + rank), np.random.seed(args.seed + rank), torch.manual_seed(args.seed + rank)
-    if rng is not None:
-        set_rng_states(rng)
     aug = build_views(args, device)
+    writer, points = data.CheckpointWriter(), data.SavePoints(args.save_every, device)
 
-    def checkpoint(epoch, step_in_epoch, epoch_sums):
-        ranks = [{"rng": rng_states(), "sums": epoch_sums}] * world   # each rank resumes its own stream
+    def save(epoch_sums):
+        ranks = [{"rng": rng_states(device), "sums": epoch_sums}] * world   # each rank resumes its own streams
         if world > 1:
             dist.all_gather_object(ranks, ranks[0])
         if rank == 0:
-            torch.save(dict(student=unwrap(student).state_dict(), teacher=unwrap(teacher).state_dict(),
-                            state=state.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                            epoch=epoch, step_in_epoch=step_in_epoch, global_step=epoch * steps_per_epoch + step_in_epoch,
-                            args=vars(args), ranks=ranks), str(ckpt_path) + ".tmp")
-            os.replace(str(ckpt_path) + ".tmp", ckpt_path)   # a crash never leaves a torn checkpoint
+            writer.save(dict(script="cmid.py", student=unwrap(student).state_dict(), teacher=unwrap(teacher).state_dict(),
+                             state=state.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                             global_step=step, time_s=time.time() - clock, images_seen=seen,
+                             split=split_signature(scenes), args=vars(args), ranks=ranks), ck_path)
+            print(f"checkpoint {ck_path} at step {step}: snapshot {writer.snapshot_ms:.0f} ms"
+                  + (f" (previous write {writer.write_ms:.0f} ms)" if writer.write_ms else ""), flush=True)
 
     names = ["loss", "mim", "global", "local"]
-    for epoch in range(start_epoch, args.epochs):
+    for epoch in range(step // steps_per_epoch, args.epochs if step < total_steps else 0):
         loader.sampler.set_epoch(epoch)
         with torch.random.fork_rng(devices=[]):   # building the iterator must not move the global RNG
             it = iter(loader)
         sums = torch.zeros(len(names) + 1, dtype=torch.float64) if sums is None else sums   # + step count
-        sums, t0, n_img, first = sums.to(device), time.time(), 0, (start_step if epoch == start_epoch else 0)
+        sums, t0, first = sums.to(device), time.time(), step % steps_per_epoch
         for i in range(steps_per_epoch):
             images, _ = next(it)
             if i < first:
                 continue   # mid-epoch resume: replay the epoch's sampler order, skip the finished steps
-            step = epoch * steps_per_epoch + i
             losses = train_step(student, teacher, state, optimizer, scaler, images, aug, sched, step, args, device)
+            step, seen = step + 1, seen + images.shape[0] * world
             sums += torch.stack([losses[k].double() for k in names] + [sums.new_ones(())])
-            n_img += images.shape[0] * world
-            if (i + 1) % args.log_every == 0 or i + 1 == steps_per_epoch:
-                vals = all_reduce_mean(torch.stack([losses[k].float() for k in names]), world)
+            if (i + 1) % args.log_every == 0 or i + 1 == steps_per_epoch:   # the only host sync of a step
+                vals = all_reduce_mean(torch.stack([losses[k].float() for k in names]), world).tolist()
+                if not math.isfinite(vals[0]):
+                    raise data.UserError(f"loss is {vals[0]} at step {step}: lower --lr / --blr, or use --amp bf16")
                 dt = time.time() - t0
-                eta = dt / (i + 1 - first) * (total_steps - step - 1)
                 if rank == 0:
-                    terms = " ".join(f"{k} {v:.4f}" for k, v in zip(names, vals.tolist()))
-                    print(f"epoch {epoch + 1}/{args.epochs} step {i + 1}/{steps_per_epoch} {terms} "
-                          f"lr {sched['lr'][step]:.2e} img/s {n_img / dt:.1f} eta {eta / 60:.1f} min", flush=True)
-            if stop := (args.max_steps is not None and step + 1 >= args.max_steps):
+                    terms = " ".join(f"{k} {v:.4f}" for k, v in zip(names, vals))
+                    print(f"epoch {epoch + 1}/{args.epochs} step {i + 1}/{steps_per_epoch} {terms} lr "
+                          f"{sched['lr'][step - 1]:.2e} img/s {(i + 1 - first) * args.batch_size * world / dt:.1f} "
+                          f"eta {dt / (i + 1 - first) * (total_steps - step) / 60:.1f} min", flush=True)
+            if i + 1 == steps_per_epoch:   # one JSON line per epoch (means over its steps and ranks), then maybe kNN
+                total, at = all_reduce_mean(sums, world), {"epoch": epoch + 1, "step": step,
+                                                           "time_s": round(time.time() - clock, 2), "images_seen": seen}
+                records.append({**at, **{k: (total[j] / total[-1]).item() for j, k in enumerate(names)},
+                                "lr": float(sched["lr"][step - 1])})
+                if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+                    t_eval = time.time()
+                    if rank == 0:
+                        records.append({**at, "knn": knn_now(teacher, eval_loaders, args, device)})
+                        print(f"epoch {epoch + 1}: 20-NN accuracy {records[-1]['knn']:.2f}%", flush=True)
+                    dist.barrier() if world > 1 else None   # the other ranks wait (3 h timeout)
+                    clock += time.time() - t_eval
+                write_log(out, records) if rank == 0 else None
+            save_now, stop = points.check(step)
+            if save_now or stop or step == total_steps:
+                save(sums.cpu() if i + 1 < steps_per_epoch else None)
+            if stop:
+                writer.wait()
+                print(f"preempted ({points.signal or 'signal on another rank'}): checkpoint {ck_path} at epoch {epoch + 1} "
+                      f"step {i + 1}; resume with the same command plus --resume auto", flush=True) if rank == 0 else None
+                return None
+            if step == total_steps:
                 break
-        done = i + 1 == steps_per_epoch
-        checkpoint(epoch, i + 1, None if done else sums.cpu())
-        if done:   # one JSON line per epoch: means over all its steps and ranks
-            total = all_reduce_mean(sums, world)
-            record = {"epoch": epoch + 1, **{k: (total[j] / total[-1]).item() for j, k in enumerate(names)},
-                      "lr": float(sched["lr"][step]), "time_s": round(time.time() - t0, 2)}
-            if rank == 0:
-                with open(out / "log.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
         sums = None
-        if stop:
-            print(f"stopped at --max-steps {args.max_steps}; checkpoint saved") if rank == 0 else None
-            break
+    writer.wait()
+    if step < steps_per_epoch * args.epochs and rank == 0:
+        print(f"stopped at --max-steps {args.max_steps}; checkpoint saved")
     return unwrap(teacher), unwrap(student)
 
 
@@ -750,14 +868,17 @@ def knn_classify(xtr, ytr, xte, yte, n_classes, k=20, temp=0.07):
     return 100.0 * correct / len(xte)
 
 
+def eval_loader(args, split):
+    """Evaluation resizes whole images to --img-size (no crop), in order, on one process."""
+    return data.build_loader(args.data, args.data_root, split, size=args.img_size, batch_size=args.batch_size,
+                             shuffle=False, drop_last=False, seed=args.seed, split_seed=args.split_seed,
+                             workers=args.workers, cache=args.cache, synthetic_images=args.synthetic_images,
+                             skip_bad=args.skip_bad, distributed=False)
+
+
 def evaluate(backbone, args, device):
     """linear@1%, linear@100%, kNN for the trained teacher backbone and a random-init floor."""
-    def loader(split):
-        return data.build_loader(args.data, args.data_root, split, size=args.img_size, batch_size=args.batch_size,
-                                 shuffle=False, drop_last=False, seed=args.seed, workers=args.workers,
-                                 cache=args.cache, synthetic_images=args.synthetic_images,
-                                 skip_bad=args.skip_bad, distributed=False)
-    loaders = {s: loader(s) for s in ("train", "train1", "test")}
+    loaders = {s: eval_loader(args, s) for s in ("train", "train1", "test")}
     n_classes = len(loaders["test"].dataset.classes)
     torch.manual_seed(args.seed + 12345)
     models = {"cmid": backbone, "random init": build_backbone(args).to(device)}
@@ -779,32 +900,18 @@ def evaluate(backbone, args, device):
 
 
 # ------------------------------------------------------------------------------------ visualize
-MODEL_KEYS = ("arch", "patch_size", "depth", "img_size", "proj_hidden", "proj_dim", "local_hidden", "local_bottleneck",
-              "local_out", "mask_patch_size", "mask_ratio", "queue_size")
-
-
-def load_checkpoint(path, args):
-    """-> (checkpoint, args whose model-defining fields come from the checkpoint)."""
-    ck = torch.load(path, map_location="cpu", weights_only=False)
-    margs = argparse.Namespace(**{**vars(args), **{k: ck["args"][k] for k in MODEL_KEYS}})
-    return ck, margs
-
-
 @torch.no_grad()
-def visualize(path, args, device, n=8):
-    """PNG grid, one row per image: view | masked input | reconstruction | reconstruction pasted."""
+def visualize(student, args, device, n=8):
+    """PNG grid, one row per test image: view | masked input | reconstruction | reconstruction pasted."""
     from PIL import Image
-    ck, margs = load_checkpoint(path, args)
-    (student := Student(margs)).load_state_dict(ck["student"])
     student = student.to(device).eval()
-    ld = data.build_loader(args.data, args.data_root, "test", size=margs.img_size, batch_size=n, shuffle=False,
-                           drop_last=False, seed=args.seed, workers=0, synthetic_images=args.synthetic_images,
-                           distributed=False)
-    images, _ = next(iter(ld))
+    images, _ = next(iter(data.build_loader(args.data, args.data_root, "test", size=args.img_size, batch_size=n,
+                                            shuffle=False, drop_last=False, seed=args.seed, split_seed=args.split_seed,
+                                            workers=0, synthetic_images=args.synthetic_images, distributed=False)))
     torch.manual_seed(args.seed)
-    v, _ = build_views(margs, device)[0](images.to(device))
-    mask = random_grid_masks(len(v), margs.img_size // margs.mask_patch_size, margs.mask_ratio, device)
-    mp = pixel_mask(mask, margs.img_size)
+    v, _ = build_views(args, device)[0](images.to(device))
+    mask = random_grid_masks(len(v), args.img_size // args.mask_patch_size, args.mask_ratio, device)
+    mp = pixel_mask(mask, args.img_size)
     masked = mean_fill(v, mp)
     _, _, rec = student(masked, mask)
     cols = [v, masked, rec, rec * mp + v * (1 - mp)]
@@ -820,7 +927,8 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e1
 
 
 def bench(args, device, rank, world):
-    """--bench N: N training steps on random uint8 images of the real shape, after 3 warm-up steps."""
+    """--bench N: N training steps on random uint8 images at --load-size (default --img-size), after 3 warm-up steps;
+    then the host time per step of the data side (both views' augmentation and the masks), nothing waiting for the GPU."""
     from torch.utils.flop_counter import FlopCounterMode
     student, teacher, state = build_models(args, device, world)
     optimizer, scaler = build_optimizer(student, args), torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
@@ -828,7 +936,8 @@ def bench(args, device, rank, world):
     sched = {"lr": np.full(args.bench + 4, args.lr), "momentum": np.full(args.bench + 4, 0.996),
              "teacher_temp": np.full(args.bench + 4, 0.04)}
     aug = build_views(args, device)
-    images = torch.randint(0, 256, (args.batch_size, 3, args.img_size, args.img_size), dtype=torch.uint8, device=device)
+    load = args.load_size or args.img_size
+    images = torch.randint(0, 256, (args.batch_size, 3, load, load), dtype=torch.uint8, device=device)
     step = lambda s: train_step(student, teacher, state, optimizer, scaler, images, aug, sched, s, args, device)  # noqa: E731
     with FlopCounterMode(display=False) as fc:   # model FLOPs of one step (eager, forward + backward)
         step(0)
@@ -843,10 +952,16 @@ def bench(args, device, rank, world):
         step(s)
     sync()
     step_s = (time.time() - t0) / args.bench
-    line = (f"bench {args.arch} img {args.img_size} batch {args.batch_size}x{world} amp {args.amp} attn {args.attn} "
-            f"compile {args.compile}: {args.batch_size * world / step_s:.1f} images/s, step {1000 * step_s:.1f} ms, "
-            f"{flops / args.batch_size / 1e9:.2f} GFLOP/image")
+    t0, grid = time.perf_counter(), args.img_size // args.mask_patch_size
+    for _ in range(args.bench):
+        aug[0](images), aug[1](images), random_grid_masks(args.batch_size, grid, args.mask_ratio, device)
+    host_ms = (time.perf_counter() - t0) / args.bench * 1e3
+    sync()
+    line = (f"bench {args.arch} img {args.img_size} load {load} batch {args.batch_size}x{world} amp {args.amp} attn "
+            f"{args.attn} compile {args.compile}: {args.batch_size * world / step_s:.1f} images/s, step "
+            f"{1000 * step_s:.1f} ms (data side {host_ms:.1f} ms host time), {flops / args.batch_size / 1e9:.2f} GFLOP/image")
     if device.type == "cuda":
+        line += ", TF32 + cudnn.benchmark on"
         name = torch.cuda.get_device_name(device)
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
         line += f", peak mem {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
@@ -856,45 +971,55 @@ def bench(args, device, rank, world):
 
 
 # ----------------------------------------------------------------------------------------- main
-def export(path, args):
-    """Teacher backbone weights under torchvision ResNet / timm ViT key names -> OUT/backbone.pth."""
-    ck, _ = load_checkpoint(path, args)
-    sd = {k[len("backbone."):]: v for k, v in ck["teacher"].items() if k.startswith("backbone.")}
-    torch.save(sd, out := Path(args.out) / "backbone.pth")
-    print(f"wrote {out}: {len(sd)} tensors ({ck['args']['arch']}, teacher)")
-    return sd
+def checkpoint_mode(ck, args, device):
+    """--export, --eval-only, --visualize on one process, with the data, split and model of the checkpoint.
+    --export: the teacher backbone under torchvision ResNet / timm ViT key names -> OUT/backbone.pth."""
+    path = Path(args.export or args.eval_only or args.visualize)
+    if args.export:
+        sd = {k[len("backbone."):]: v for k, v in ck["teacher"].items() if k.startswith("backbone.")}
+        torch.save(sd, out := Path(args.out) / "backbone.pth")
+        print(f"wrote {out}: {len(sd)} tensors ({ck['args']['arch']}, teacher)")
+        return sd
+    scenes = data.build_dataset(args.data, args.data_root, "all", seed=args.split_seed, img_size=args.img_size,
+                                synthetic_images=args.synthetic_images, skip_bad=args.skip_bad)
+    check_split(ck, scenes, path)
+    if args.visualize:
+        (student := Student(args)).load_state_dict(ck["student"])
+        return visualize(student, args, device)
+    (enc := Encoder(args)).load_state_dict(ck["teacher"])
+    evaluate(enc.backbone.to(device), args, device)
+    if records := read_log(path.parent):   # the learning curves of the run that wrote the checkpoint
+        write_log(args.out, records)
 
 
 def main(argv=None):
-    args = resolve_args(get_args_parser().parse_args(argv))
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    demo, path = args.data is None, args.eval_only or args.export or args.visualize
+    ck = load_run_checkpoint(path) if path else None
+    words = {w.split("=")[0] for w in (sys.argv[1:] if argv is None else argv)}   # the flags given (no abbreviations)
+    args = resolve_args(args, {a.dest for a in parser._actions if words & set(a.option_strings)}, ck)
     device = setup_distributed()
     rank, world = data.rank(), data.world_size()
     if args.lr is None:
         args.lr = args.blr * args.batch_size * world / 256   # linear scaling with the total batch
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    if args.export:
-        export(args.export, args) if rank == 0 else None
-    elif args.eval_only:
-        if rank == 0:
-            ck, margs = load_checkpoint(args.eval_only, args)
-            (enc := Encoder(margs)).load_state_dict(ck["teacher"])
-            evaluate(enc.backbone.to(device), margs, device)
-    elif args.visualize:
-        visualize(args.visualize, args, device) if rank == 0 else None
+    if ck is not None:
+        checkpoint_mode(ck, args, device) if rank == 0 else None
     elif args.bench:
         bench(args, device, rank, world)
-    else:
-        (Path(args.out) / "args.json").write_text(json.dumps(vars(args), indent=1)) if rank == 0 else None
-        t0 = time.time()
-        teacher, _ = train(args, device, rank, world)
-        if rank == 0:
-            print(f"training took {(time.time() - t0) / 60:.2f} min")
-            if not args.no_eval:
-                evaluate(teacher.backbone, args, device)
+    elif (models := train(args, device, rank, world)) and rank == 0:   # None: preempted, checkpoint saved
+        teacher, student = models
+        if not args.no_eval:
+            evaluate(teacher.backbone, args, device)
+            if (tta := data.time_to_accuracy(read_log(args.out))) is not None:
+                print(f"time to accuracy: {tta:.0f} s (kNN within 1 point of its final value)")
+        if demo:
+            visualize(student, args, device)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    data.run_main(main)

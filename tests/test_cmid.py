@@ -1,18 +1,27 @@
 """cmid.py: masking, cell matching, losses, queue, Adan, training, resume, DDP, export (CPU, tiny)."""
 import json
 import math
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import uuid
 
 import pytest
 import torch
 
 import cmid
+import data
+from conftest import REPO
 
 # A tiny configuration: 2-block ViT-Tiny at 32 px (2x2 tokens), 30 synthetic training images, batch 8.
 TINY = ["--data", "synthetic", "--arch", "vit_tiny", "--depth", "2", "--img-size", "32", "--patch-size", "16",
         "--mask-patch-size", "16", "--synthetic-images", "40", "--batch-size", "8", "--workers", "0",
         "--proj-hidden", "32", "--proj-dim", "16", "--local-hidden", "32", "--local-bottleneck", "16",
         "--local-out", "32", "--queue-size", "100", "--local-pairs", "3", "--warmup-epochs", "1",
-        "--log-every", "1"]
+        "--log-every", "1", "--eval-every", "0", "--cache", "none"]
 
 
 def tiny_args(*extra):
@@ -193,23 +202,103 @@ def read_log(path):
     return [json.loads(line) for line in open(path / "log.jsonl")]
 
 
-def test_exact_resume_mid_epoch_and_at_epoch_end(tmp_path):
+def test_exact_resume_after_preemption_max_steps_and_a_lost_tail(tmp_path, monkeypatch, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
-    common = TINY + ["--epochs", "2", "--no-eval"]
+    common = TINY + ["--epochs", "2", "--no-eval"]                     # 30 train images: 3 steps per epoch
     cmid.main(common + ["--out", str(a)])
-    cmid.main(common + ["--out", str(b), "--max-steps", "2"])                          # mid-epoch 1
-    assert not (b / "log.jsonl").exists()
-    cmid.main(common + ["--out", str(b), "--resume", "auto", "--max-steps", "3"])     # end of epoch 1
-    cmid.main(common + ["--out", str(b), "--resume", "auto"])                          # epoch 2
+    check = data.SavePoints.check
+    def preempt_at_2(self, step):                                     # SIGTERM seen at the step-2 boundary
+        self.signal = "SIGTERM" if step == 2 else self.signal
+        return (True, True) if step == 2 else check(self, step)
+    monkeypatch.setattr(data.SavePoints, "check", preempt_at_2)
+    b_args = common + ["--out", str(b), "--eval-every", "1"]           # kNN evaluations must not change training
+    assert cmid.main(b_args) is None
+    assert "preempted (SIGTERM): checkpoint" in capsys.readouterr().out
+    assert torch.load(b / "checkpoint.pth", weights_only=False)["global_step"] == 2
+    monkeypatch.setattr(data.SavePoints, "check", check)
+    load = data.load_checkpoint
+    class OnAnotherDevice:                                            # an RNG state torch.set_rng_state would reject
+        def __init__(self, t):
+            self.t = t
+        def cpu(self):
+            return self.t
+    def load_rng_elsewhere(path):
+        ck = load(path)
+        for r in ck["ranks"]:
+            r["rng"]["torch"] = OnAnotherDevice(r["rng"]["torch"])
+        return ck
+    monkeypatch.setattr(data, "load_checkpoint", load_rng_elsewhere)
+    cmid.main(b_args + ["--resume", "auto", "--max-steps", "3"])      # mid-epoch 1 -> end of epoch 1
+    shutil.copy(b / "checkpoint.pth", tmp_path / "step3.pth")
+    cmid.main(b_args + ["--resume", "auto"])
+    shutil.copy(tmp_path / "step3.pth", b / "checkpoint.pth")         # killed after step 3's save: the log ran ahead
+    cmid.main(b_args + ["--resume", "auto"])
     la, lb = read_log(a), read_log(b)
-    assert [r["epoch"] for r in lb] == [1, 2]
-    for ra, rb in zip(la, lb):
-        for k in ("loss", "mim", "global", "local", "lr"):
+    assert [(r["epoch"], "knn" in r) for r in lb if "epoch" in r] == [(1, False), (1, True), (2, False), (2, True)]
+    assert "knn_floor" in lb[0] and [r["images_seen"] for r in lb[1:]] == [24, 24, 48, 48]
+    for ra, rb in zip(la, [r for r in lb if "loss" in r]):
+        for k in ("loss", "mim", "global", "local", "lr", "step", "images_seen"):
             assert ra[k] == rb[k], (k, ra, rb)
     ca, cb = (torch.load(p / "checkpoint.pth", weights_only=False) for p in (a, b))
     for key in ("teacher", "state"):
         for name, t in ca[key].items():
             assert torch.equal(t, cb[key][name]), name
+    assert (b / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_crops_from_load_size_and_evaluation_resizes_to_img_size(tmp_path, monkeypatch):
+    sizes = {}
+    build = data.build_loader
+    def spy(name, root, split, **kw):
+        sizes.setdefault(split, kw["size"])
+        return build(name, root, split, **kw)
+    monkeypatch.setattr(data, "build_loader", spy)
+    cmid.main(TINY + ["--epochs", "1", "--load-size", "48", "--eval-every", "1", "--out", str(tmp_path)])
+    assert sizes == {"train": 48, "test": 32, "train1": 32}
+    assert json.loads((tmp_path / "args.json").read_text())["load_size"] == 48
+
+
+def test_ddp_gradients_keep_the_parameter_layout():
+    # bf16 autocast on the CPU gives the mim head's 1x1 conv a channels-last weight gradient from the ViT map, as cudnn
+    # does on GPUs; DDP copies (and warns) for every gradient whose strides are not its parameter's
+    args = tiny_args("--img-size", "64", "--amp", "bf16")
+    student, _, _, _ = one_step(args, batch=2)
+    bad = [n for n, p in student.named_parameters() if p.grad is not None and p.grad.stride() != p.stride()]
+    assert bad == []
+
+
+def two_nodes(*args, timeout=120):
+    """Two torchrun 'nodes' of one process each on this host (c10d rendezvous, gloo), running the probe."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", uuid.uuid4().hex,
+           str(REPO / "tests" / "cmid_ddp_probe.py"), *map(str, args)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, f"{out[-3000:]}\n{err[-3000:]}"
+    return "".join(o for o, _ in outs), "".join(e for _, e in outs)
+
+
+def test_two_nodes_agree_checkpoint_and_resume(tmp_path):
+    # 30 train images, 2 ranks, batch 8: one step per epoch; a kNN evaluation on rank 0 after each epoch
+    out = tmp_path / "run"
+    common = TINY + ["--epochs", "3", "--eval-every", "1", "--no-eval", "--amp", "bf16", "--out", out]
+    stdout, stderr = two_nodes(*common, "--max-steps", "2")
+    sums = dict(re.findall(r"rank (\d) of 2 checksum (\S+)", stdout))
+    assert len(sums) == 2 and sums["0"] == sums["1"]                 # identical parameters on both ranks
+    assert "grad strides do not match" not in stderr.lower()
+    ck = torch.load(out / "checkpoint.pth", weights_only=False)
+    assert ck["global_step"] == 2 and len(ck["ranks"]) == 2
+    stdout, _ = two_nodes(*common, "--resume", "auto")
+    sums = dict(re.findall(r"rank (\d) of 2 checksum (\S+)", stdout))
+    assert "resumed from" in stdout and len(sums) == 2 and sums["0"] == sums["1"]
+    assert torch.load(out / "checkpoint.pth", weights_only=False)["global_step"] == 3
+    assert [r["epoch"] for r in read_log(out) if "knn" in r] == [1, 2, 3]
 
 
 def test_two_process_torchrun_shares_one_queue(tmp_path, run_torchrun):
@@ -244,30 +333,61 @@ def test_export_uses_torchvision_and_timm_names(tmp_path):
         vit |= {f"blocks.{i}.{m}.{s}" for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
                 for s in ("weight", "bias")}
     for arch, keys in (("resnet50", expected), ("vit_tiny", vit)):
-        args = tiny_args("--arch", arch, "--img-size", "64", "--mask-patch-size", "32", "--out", str(tmp_path))
+        args = tiny_args("--arch", arch, "--img-size", "64", "--mask-patch-size", "32", "--out", str(tmp_path), "--export", "ck")
         enc = cmid.Encoder(args)
-        torch.save({"teacher": enc.state_dict(), "args": vars(args)}, tmp_path / "ck.pth")
-        sd = cmid.export(tmp_path / "ck.pth", args)
+        sd = cmid.checkpoint_mode({"teacher": enc.state_dict(), "args": vars(args)}, args, torch.device("cpu"))
         assert set(sd) == keys, set(sd) ^ keys
         assert len(keys) == (318 if arch == "resnet50" else 6 + 2 * 12)
         assert torch.load(tmp_path / "backbone.pth").keys() == sd.keys()
 
 
-def test_script_trains_evaluates_visualizes_and_benches(tmp_path, run_script, capsys):
-    out = tmp_path / "run"
-    proc = run_script("cmid.py", *TINY, "--epochs", "1", "--out", out)
-    assert "linear@1%" in proc.stdout and "random init" in proc.stdout
-    ev = json.loads((out / "eval.json").read_text())
-    assert set(ev) == {"cmid", "random init"} and set(ev["cmid"]) == {"linear@1%", "linear@100%", "knn"}
-    assert json.loads((out / "args.json").read_text())["arch"] == "vit_tiny"
-    cmid.main(TINY + ["--out", str(out), "--visualize", str(out / "checkpoint.pth")])
-    from PIL import Image
-    assert Image.open(out / "visualize.png").size == (4 * 32, 8 * 32)
+def test_script_trains_then_checkpoint_modes_work_from_the_checkpoint_alone(tmp_path, run_script, capsys):
+    out = tmp_path / "custom"
+    proc = run_script("cmid.py", *TINY, "--epochs", "2", "--seed", "3", "--eval-every", "1", "--out", out)
+    assert "linear@1%" in proc.stdout and "random init" in proc.stdout and "time to accuracy:" in proc.stdout
+    trained = json.loads((out / "eval.json").read_text())
+    assert set(trained) == {"cmid", "random init"} and set(trained["cmid"]) == {"linear@1%", "linear@100%", "knn"}
+    assert [r for r in read_log(out) if "knn" in r][-1]["knn"] == trained["cmid"]["knn"]   # one kNN protocol
+    assert json.loads((out / "splits.json").read_text())["seed"] == 0                     # --split-seed, not --seed
+    moved = tmp_path / "moved"                                        # outputs go beside the checkpoint, wherever
+    moved.mkdir()
+    for name in ("checkpoint.pth", "log.jsonl"):
+        shutil.move(out / name, moved / name)
+    ck = str(moved / "checkpoint.pth")
     capsys.readouterr()
-    cmid.main(["--eval-only", str(out / "checkpoint.pth"), "--workers", "0"])   # no --data: the checkpoint's
+    cmid.main(["--eval-only", ck, "--seed", "5", "--workers", "0"])   # data, split, model: the checkpoint's
     header = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("evaluation on")]
     assert header == [ln for ln in proc.stdout.splitlines() if ln.startswith("evaluation on")]
+    assert json.loads((moved / "eval.json").read_text())["cmid"] == trained["cmid"]
+    assert (moved / "curves.png").is_file()
+    cmid.main(["--visualize", ck])
+    from PIL import Image
+    assert Image.open(moved / "visualize.png").size == (4 * 32, 8 * 32)
+    cmid.main(["--export", ck])
+    assert len(torch.load(moved / "backbone.pth")) == 6 + 2 * 12
+    with pytest.raises(data.UserError, match="was trained with --split-seed 0, not --split-seed 1"):
+        cmid.main(["--eval-only", ck, "--split-seed", "1"])
     assert cmid.main(TINY + ["--out", str(out), "--bench", "1"]) is None
+    assert "data side" in capsys.readouterr().out
+
+
+def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    proc = subprocess.run([sys.executable, str(REPO / "cmid.py"), "--data", "UCM", "--data-root", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("error: UCM not found")
+    torch.save({"args": {"arch": "vit_tiny"}, "model": {}, "teacher": None}, tmp_path / "mae.pth")   # selective_mae's keys
+    vit = tmp_path / "vit"
+    cmid.main(TINY + ["--epochs", "1", "--max-steps", "1", "--no-eval", "--out", str(vit)])
+    cases = {"unknown dataset name 'nope'": ["--data", "nope"],
+             "is a checkpoint of another script": ["--eval-only", str(tmp_path / "mae.pth")],
+             "was trained with --arch vit_tiny --img-size 32 --mask-patch-size 16, not --arch resnet50": TINY + [
+                 "--arch", "resnet50", "--img-size", "64", "--mask-patch-size", "32", "--out", str(vit), "--resume", "auto"],
+             "loss is nan at step 2: lower --lr": TINY + ["--lr", "1e30", "--out", str(tmp_path / "nan")]}
+    for message, argv in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            data.run_main(cmid.main, argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
 
 
 def test_vit_attention_backends_agree():
