@@ -131,8 +131,7 @@ def resolve_args(args):
     args.amp = args.amp or ("bf16" if torch.cuda.is_available() else "none")
     base = 4 if args.arch == "resnet50" else args.patch_size   # the resolution where the mask token is added
     if args.img_size % 32 or args.img_size % args.mask_patch_size or args.mask_patch_size % base or 32 % base:
-        raise SystemExit(f"--img-size must be a multiple of 32 and of --mask-patch-size, itself a multiple of {base}; "
-                         "--patch-size must divide 32 (the local grid)")
+        raise SystemExit(f"--img-size must be a multiple of 32 and of --mask-patch-size, itself a multiple of {base}, a divisor of 32")
     return args
 
 
@@ -300,19 +299,14 @@ class Encoder(nn.Module):
     def forward(self, x, cells=None, mask=None, mask_token=None):
         """cells [B,k]: indices on the stride-32 grid fed to the local head (None: no local output)."""
         feat, fmap = self.backbone(x, mask, mask_token)
-        loc = None if cells is None else self.local_head(pick_cells(local_grid(fmap, self.backbone.stride), cells))
+        loc = None if cells is None else self.local_head(local_cells(fmap, self.backbone.stride, cells))
         return F.normalize(self.projector(feat).float(), dim=-1), loc, fmap
 
 
-def local_grid(fmap, stride):
-    """The local branch works on a stride-32 grid for every backbone: a ViT/16 map (14x14 at 224 px)
-    is average-pooled to ResNet's 7x7, so both match 20 of 49 cells (the official ResNet setting)."""
-    return F.avg_pool2d(fmap, 32 // stride) if stride < 32 else fmap
-
-
-def pick_cells(fmap, cells):
-    """[B,C,h,w] map, [B,k] flat cell indices -> [B,C,k]."""
-    x = fmap.flatten(2)
+def local_cells(fmap, stride, cells):
+    """[B,C,h,w] map, [B,k] flat cell indices on the stride-32 grid -> [B,C,k]. Every backbone's local branch
+    works on that grid: a ViT/16 map (14x14 at 224 px) is average-pooled to ResNet's 7x7 (20 of 49 cells matched)."""
+    x = (F.avg_pool2d(fmap, 32 // stride) if stride < 32 else fmap).flatten(2)
     return x.gather(2, cells.unsqueeze(1).expand(-1, x.shape[1], -1))
 
 
@@ -361,18 +355,12 @@ def focal_l1_loss(pred, target, mpix):
     return (d * (2 * torch.sigmoid(0.2 * d) - 1) * mpix).sum() / (mpix.sum() * pred.shape[1]).clamp(min=1)
 
 
-FFT_UNMASK_WEIGHT = 0.001   # pt_config.yaml fft_unmask_weight: what is left of the prediction off the mask
-
-
 def focal_frequency_loss(pred, target, mpix):
-    """Section III-B frequency term: focal frequency loss (Jiang et al. 2021) as the official head builds
-    it (mim_utils.MIMLossHead, fft_unmask_replace "mixed"; loss_utils.FocalFrequencyLoss with alpha 1,
-    ave_spectrum, log_matrix, batch_matrix).
-
-    Off the mask the prediction becomes 0.001*pred + 0.999*(0.5*sg(pred) + 0.5*x); the spectra are
-    averaged over the mini-batch BEFORE the difference (one mean spectrum per channel), and the focal
-    weight log(1+|F(p)-F(x)|) is normalised by its one batch-wide maximum, without gradient."""
-    keep = mpix + (1 - mpix) * FFT_UNMASK_WEIGHT
+    """Section III-B frequency term as the official head builds it (mim_utils.MIMLossHead "mixed", fft_unmask_weight
+    0.001; loss_utils.FocalFrequencyLoss alpha 1, ave_spectrum, log_matrix, batch_matrix): off the mask the prediction
+    is 0.001*pred + 0.999*(0.5*sg(pred) + 0.5*x); spectra are averaged over the mini-batch BEFORE the difference,
+    and the focal weight log(1+|F(p)-F(x)|) is normalised by one batch-wide maximum, without gradient."""
+    keep = mpix + (1 - mpix) * 0.001
     comp = pred * keep + (0.5 * pred.detach() + 0.5 * target) * (1 - keep)
     diff = torch.fft.fft2(comp, norm="ortho").mean(0) - torch.fft.fft2(target, norm="ortho").mean(0)
     dist2 = diff.real ** 2 + diff.imag ** 2                           # [C,H,W]
@@ -429,11 +417,9 @@ def local_loss(directions, state, student_temp, teacher_temp, momentum):
 
 
 class MethodState(nn.Module):
-    """The MoCo key queue (ring buffer) with the image id of every key, and the local-loss centre.
-
-    The ids exist because the official recipe pretrains on ~1M images, where 65,536 keys never hold an
-    earlier copy of the query's own image; on AID (8 x 64 per step) they span ~4.3 epochs, on UCM ~40,
-    so a query would be pushed away from stale keys of itself. Those entries are left out of its negatives."""
+    """The MoCo key queue (ring buffer) with each key's image id, and the local-loss centre. The official recipe
+    pretrains on ~1M images, where 65,536 keys never hold an earlier key of the query's own image; on AID (8 x 64
+    per step) they span ~4.3 epochs, on UCM ~40: such keys are left out of that query's negatives."""
 
     def __init__(self, queue_size, key_dim, local_out, seed):
         super().__init__()
@@ -480,8 +466,7 @@ def gather_keys(t):
 
 
 def cmid_step_losses(student, teacher, state, v1, v2, p1, p2, masks, ids, teacher_temp, args):
-    """All CMID losses for one batch of two views; ids [B] identify the images (for the queue).
-    Updates the local centre twice, as the official LocalLoss does after each direction.
+    """All CMID losses for one batch of two views; ids [B] identify the images (queue); updates the local centre.
     -> (dict of losses, the teacher keys to enqueue: view 2's then view 1's, the official order)."""
     mp = [pixel_mask(m, v1.shape[-1]) for m in masks]
     grid = v1.shape[-1] // 32
@@ -621,7 +606,7 @@ def gaussian_blur(x, size, sigma):
 
 
 def gauss_noise(x, p=0.6):
-    """A.GaussNoise(p=0.6): variance U(10, 50) on the uint8 scale, i.e. sigma 0.012-0.028 here, per pixel and channel."""
+    """A.GaussNoise(p=0.6): variance U(10, 50) on the uint8 scale (sigma 0.012-0.028 here), per pixel and channel."""
     sigma = torch.empty(x.shape[0], 1, 1, 1, device=x.device).uniform_(10, 50).sqrt() / 255
     return (x + torch.randn_like(x) * sigma * draw(x, p)).clamp(0, 1)
 
@@ -671,7 +656,7 @@ def autocast(args, device):
 
 
 def train_step(student, teacher, state, optimizer, scaler, images, ids, aug, sched, step, args, device):
-    """One optimisation step on a uint8 batch with the images' ids [B]; returns the (device) loss dict, no host sync."""
+    """One optimisation step on a uint8 batch and its image ids [B]; returns the (device) loss dict, no host sync."""
     for g in optimizer.param_groups:
         g["lr"] = sched["lr"][step]
     x = images.to(device, non_blocking=True)
@@ -714,9 +699,8 @@ def unwrap(m):   # the plain module under torch.compile and DDP
 
 
 def batches_with_ids(loader):
-    """Iterator of (images, ids): ids = the batch's positions in the train split, which the loader's own
-    (deterministic per epoch) batch sampler yields in the order the DataLoader serves its batches.
-    iter(loader) runs now, not at the first next(), so the caller's fork_rng covers it."""
+    """(images, ids) per batch: ids = positions in the train split, from the loader's own (deterministic per epoch)
+    batch sampler; iter(loader) runs now, not at the first next(), so the caller's fork_rng covers it."""
     return ((images, torch.as_tensor(pos, dtype=torch.long)) for (images, _), pos in zip(iter(loader), loader.sampler))
 
 
@@ -828,9 +812,8 @@ def extract_features(backbone, loader, device, args):
 
 @torch.no_grad()
 def reestimate_bn(model, loader, device):
-    """BatchNorm running statistics from one pass over the loader's images (labels unused), the cumulative
-    average of the batch statistics. For the random-init floor: left at 0/1 they make it an unnormalised
-    network, not a floor. Returns whether the model has BatchNorm (a ViT has none)."""
+    """BatchNorm running statistics = cumulative average over one pass of the loader's images (no labels): the
+    random-init floor's stats left at 0/1 are an unnormalised network. -> whether there is BatchNorm (ViT: none)."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for m in bns:
         m.reset_running_stats()

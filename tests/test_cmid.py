@@ -97,13 +97,13 @@ def test_cell_matching_equals_the_official_rule():
 def test_vit_local_grid_is_the_resnet_grid():
     # a ViT/16 map (14x14 at 224 px) is pooled to ResNet's 7x7: both match 20 of 49 cells
     fmap = torch.randn(2, 8, 14, 14)
-    pooled = cmid.local_grid(fmap, 16)
-    assert pooled.shape == (2, 8, 7, 7)
-    assert torch.allclose(pooled[:, :, 3, 5], fmap[:, :, 6:8, 10:12].mean((2, 3)))
-    assert cmid.local_grid(torch.randn(2, 8, 7, 7), 32).shape == (2, 8, 7, 7)   # ResNet: unchanged
-    cells = torch.tensor([[0, 48], [5, 7]])
-    picked = cmid.pick_cells(pooled, cells)
-    assert picked.shape == (2, 8, 2) and torch.equal(picked[1, :, 1], pooled[1, :, 1, 0])
+    cells = torch.tensor([[0, 48], [5, 7]])                           # flat indices on the 7x7 grid
+    picked = cmid.local_cells(fmap, 16, cells)
+    assert picked.shape == (2, 8, 2)
+    assert torch.allclose(picked[1, :, 1], fmap[1, :, 2:4, 0:2].mean((1, 2)))     # cell 7 = row 1, column 0
+    assert torch.allclose(picked[0, :, 1], fmap[0, :, 12:14, 12:14].mean((1, 2)))  # cell 48 = row 6, column 6
+    resnet_map = torch.randn(2, 8, 7, 7)                              # ResNet: the map itself
+    assert torch.equal(cmid.local_cells(resnet_map, 32, cells)[1, :, 0], resnet_map[1, :, 0, 5])
 
 
 def test_focal_l1_value():
