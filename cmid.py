@@ -40,8 +40,8 @@ import torch.nn.functional as F
 
 import data
 
-CMID_MEAN = (0.338, 0.361, 0.335)   # the official code's remote-sensing statistics
-CMID_STD = (0.136, 0.135, 0.141)
+CMID_MEAN = (0.33797, 0.3605, 0.3348)   # the official code's remote-sensing statistics (Dataset/transform.py)
+CMID_STD = (0.1359, 0.1352, 0.1407)
 
 
 # ----------------------------------------------------------------------------------------- args
@@ -162,8 +162,8 @@ def resolve_args(args, given=(), ckpt=None):
     if not PIPELINE:   # today's data.py: no cache="auto" yet
         args.cache = {"auto": None, "none": None}.get(args.cache, args.cache)
     base = 4 if args.arch == "resnet50" else args.patch_size   # the resolution where the mask token is added
-    if args.img_size % 32 or args.img_size % args.mask_patch_size or args.mask_patch_size % base:
-        raise data.UserError(f"--img-size must be a multiple of 32 and of --mask-patch-size, itself a multiple of {base}")
+    if args.img_size % 32 or args.img_size % args.mask_patch_size or args.mask_patch_size % base or 32 % base:
+        raise data.UserError(f"--img-size must be a multiple of 32 and of --mask-patch-size, itself a multiple of {base}, a divisor of 32")
     return args
 
 
@@ -207,6 +207,8 @@ class ResNet50(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if isinstance(m, Bottleneck):   # timm's resnet50, the official backbone: zero_init_last, so
+                nn.init.zeros_(m.bn3.weight)   # every residual branch starts as the identity
 
     def _make_layer(self, planes, blocks, stride=1):
         down = None
@@ -297,7 +299,7 @@ def build_backbone(args):
 
 
 class LocalHead(nn.Module):
-    """Section III-D: per-cell DINO head, Conv1d over the cells of the final feature map."""
+    """Section III-D: per-cell DINO head, Conv1d over the matched cells (official contrastive_utils.LocalHead)."""
 
     def __init__(self, dim, hidden, bottleneck, out):
         super().__init__()
@@ -308,8 +310,8 @@ class LocalHead(nn.Module):
         self.last_layer.parametrizations.weight.original0.data.fill_(1.0)   # DINO: norm fixed at 1
         self.last_layer.parametrizations.weight.original0.requires_grad = False
 
-    def forward(self, fmap):                                        # [B,C,h,w] -> [B,out,h*w]
-        x = self.mlp(fmap.flatten(2))
+    def forward(self, cells):                                       # [B,C,k] -> [B,out,k]
+        x = self.mlp(cells)
         with torch.autocast(x.device.type, enabled=False):   # fp32 logits: T 0.04 magnifies bf16 rounding 25x
             return self.last_layer(F.normalize(x.float(), dim=1))
 
@@ -326,9 +328,18 @@ class Encoder(nn.Module):
                                        nn.Linear(args.proj_hidden, args.proj_dim))
         self.local_head = LocalHead(C, args.local_hidden, args.local_bottleneck, args.local_out)
 
-    def forward(self, x, mask=None, mask_token=None):
+    def forward(self, x, cells=None, mask=None, mask_token=None):
+        """cells [B,k]: indices on the stride-32 grid fed to the local head (None: no local output)."""
         feat, fmap = self.backbone(x, mask, mask_token)
-        return F.normalize(self.projector(feat).float(), dim=-1), self.local_head(fmap), fmap
+        loc = None if cells is None else self.local_head(local_cells(fmap, self.backbone.stride, cells))
+        return F.normalize(self.projector(feat).float(), dim=-1), loc, fmap
+
+
+def local_cells(fmap, stride, cells):
+    """[B,C,h,w] map, [B,k] flat cell indices on the stride-32 grid -> [B,C,k]. Every backbone's local branch
+    works on that grid: a ViT/16 map (14x14 at 224 px) is average-pooled to ResNet's 7x7 (20 of 49 cells matched)."""
+    x = (F.avg_pool2d(fmap, 32 // stride) if stride < 32 else fmap).flatten(2)
+    return x.gather(2, cells.unsqueeze(1).expand(-1, x.shape[1], -1))
 
 
 class Student(nn.Module):
@@ -342,11 +353,11 @@ class Student(nn.Module):
         s = bb.stride   # Conv1x1(C, 3*s*s) + PixelShuffle(s): one s x s RGB patch per map cell
         self.mim_head = nn.Sequential(nn.Conv2d(bb.embed_dim, 3 * s * s, 1), nn.PixelShuffle(s))
 
-    def forward(self, x, mask):
-        """mask: bool [B,g,g] on the mask grid -> (global q, local logits, reconstruction)."""
+    def forward(self, x, mask, cells=None):
+        """mask: bool [B,g,g] on the mask grid -> (global q, local logits of `cells`, reconstruction)."""
         r = x.shape[-1] // self.encoder.backbone.mask_stride // mask.shape[-1]
         m = mask.repeat_interleave(r, 1).repeat_interleave(r, 2)   # grid -> token/stem resolution
-        q, loc, fmap = self.encoder(x, m, self.mask_token)
+        q, loc, fmap = self.encoder(x, cells, m, self.mask_token)
         return q, loc, self.mim_head(fmap).float()
 
 
@@ -377,21 +388,24 @@ def focal_l1_loss(pred, target, mpix):
 
 
 def focal_frequency_loss(pred, target, mpix):
-    """Section III-B frequency term (Jiang et al. 2021, focal frequency loss, alpha 1, log weights).
-
-    The prediction's unmasked pixels are replaced by 0.5*sg(pred) + 0.5*x, so the spectrum compares
-    a full image; weight = log(1+|F(p)-F(x)|) / its per-image-channel max, without gradient."""
-    comp = pred * mpix + (0.5 * pred.detach() + 0.5 * target) * (1 - mpix)
-    diff = torch.fft.fft2(comp, norm="ortho") - torch.fft.fft2(target, norm="ortho")
-    dist2 = diff.real ** 2 + diff.imag ** 2
+    """Section III-B frequency term as the official head builds it (mim_utils.MIMLossHead "mixed", fft_unmask_weight
+    0.001; loss_utils.FocalFrequencyLoss alpha 1, ave_spectrum, log_matrix, batch_matrix): off the mask the prediction
+    is 0.001*pred + 0.999*(0.5*sg(pred) + 0.5*x); spectra are averaged over the mini-batch BEFORE the difference,
+    and the focal weight log(1+|F(p)-F(x)|) is normalised by one batch-wide maximum, without gradient."""
+    keep = mpix + (1 - mpix) * 0.001
+    comp = pred * keep + (0.5 * pred.detach() + 0.5 * target) * (1 - keep)
+    diff = torch.fft.fft2(comp, norm="ortho").mean(0) - torch.fft.fft2(target, norm="ortho").mean(0)
+    dist2 = diff.real ** 2 + diff.imag ** 2                           # [C,H,W]
     w = torch.log1p(dist2.detach().sqrt())                            # the focal weight, no gradient
-    w = w / w.amax((-2, -1), keepdim=True).clamp(min=1e-12)
-    return (w * dist2).mean()
+    return (w / w.max().clamp(min=1e-12) * dist2).mean()
 
 
-def infonce_loss(q, k, queue, temp):
-    """MoCo-v2 InfoNCE: positive = teacher key of the other view, negatives = the queue."""
-    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.t().to(q.dtype)], 1) / temp
+def infonce_loss(q, k, queue, temp, own=None):
+    """MoCo-v2 InfoNCE: positive = teacher key of the other view, negatives = the queue, except the
+    entries where own [B,K] is True (keys of the query's own image, see MethodState)."""
+    neg = q @ queue.t().to(q.dtype)
+    neg = neg if own is None else neg.masked_fill(own, float("-inf"))
+    logits = torch.cat([(q * k).sum(1, keepdim=True), neg], 1) / temp
     return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
 
@@ -409,13 +423,13 @@ def cell_centres(boxes, hflip, grid):
     return torch.stack([x, y], -1)
 
 
-def match_cells(boxes1, hflip1, boxes2, hflip2, grid, k):
-    """Section III-D: the k closest (view-1 cell, view-2 cell) pairs -> [B,k] x 2. k <= N cells: on a small
-    map (2x2 at 64 px) 20 would be all N*N pairs, and only the teacher's image average is learnable."""
-    c1, c2 = cell_centres(boxes1, hflip1, grid), cell_centres(boxes2, hflip2, grid)
-    d = torch.cdist(c1, c2)                                           # [B, N, N]
-    idx = d.flatten(1).topk(min(k, grid * grid), dim=1, largest=False).indices
-    return idx // d.shape[2], idx % d.shape[2]
+def match_cells(centres, partner_centres, k):
+    """Section III-D, the official rule (contrastive_utils.position_match): every cell takes its nearest
+    cell of the other view; the k cells (at most all N) with the nearest partners are kept.
+    centres [B,N,2] -> (cells, partners) [B,k] x 2. Called once per direction."""
+    near, partner = torch.cdist(centres, partner_centres).min(2)       # [B,N] each
+    cells = near.topk(min(k, near.shape[1]), dim=1, largest=False).indices
+    return cells, partner.gather(1, cells)
 
 
 def local_distill_loss(s, t, centre, student_temp, teacher_temp):
@@ -424,30 +438,44 @@ def local_distill_loss(s, t, centre, student_temp, teacher_temp):
     return -(tp * F.log_softmax(s / student_temp, dim=1)).sum(1).mean()
 
 
+def local_loss(directions, state, student_temp, teacher_temp, momentum):
+    """Mean over the (student, teacher) directions; as the official LocalLoss, each direction updates the
+    centre from its matched teacher outputs right after its loss, so the second one sees the first's update."""
+    total = 0.0
+    for s, t in directions:
+        total = total + local_distill_loss(s, t, state.centre, student_temp, teacher_temp) / len(directions)
+        state.update_centre(t, momentum)
+    return total
+
+
 class MethodState(nn.Module):
-    """The MoCo key queue (ring buffer) and the local-loss centre: saved in every checkpoint."""
+    """The MoCo key queue (ring buffer) with each key's image id, and the local-loss centre. The official recipe
+    pretrains on ~1M images, where 65,536 keys never hold an earlier key of the query's own image; on AID (8 x 64
+    per step) they span ~4.3 epochs, on UCM ~40: such keys are left out of that query's negatives."""
 
     def __init__(self, queue_size, key_dim, local_out, seed):
         super().__init__()
         g = torch.Generator().manual_seed(seed)   # identical on all ranks
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, key_dim, generator=g), dim=1))
+        self.register_buffer("queue_ids", torch.full((queue_size,), -1, dtype=torch.long))   # -1: random init key
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("centre", torch.zeros(1, local_out, 1))
 
     @torch.no_grad()
-    def enqueue(self, keys):
-        """keys [n, D] (already gathered from all ranks, each key once): overwrite the oldest."""
+    def enqueue(self, keys, ids):
+        """keys [n, D], ids [n] (already gathered from all ranks, each key once): overwrite the oldest."""
         K = self.queue.shape[0]
         if keys.shape[0] > K:
             self.queue_ptr.add_(keys.shape[0] - K).remainder_(K)
-            keys = keys[-K:]
+            keys, ids = keys[-K:], ids[-K:]
         idx = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % K
         self.queue[idx] = keys.to(self.queue.dtype)
+        self.queue_ids[idx] = ids.to(self.queue_ids.device)
         self.queue_ptr.add_(keys.shape[0]).remainder_(K)
 
     @torch.no_grad()
     def update_centre(self, t, momentum):
-        """t [B, out, N] teacher local logits; mean over images and cells, all ranks."""
+        """t [B, out, k] matched teacher local logits; mean over images and cells, all ranks."""
         mean = all_reduce_mean(t.float().mean((0, 2)).view(1, -1, 1), dist.get_world_size() if dist.is_initialized() else 1)
         self.centre.mul_(momentum).add_(mean, alpha=1 - momentum)
 
@@ -460,35 +488,40 @@ def all_reduce_mean(t, world):
     return t
 
 
-def gather_keys(k):
-    """One all-gather per step of the (already concatenated) keys of both views."""
+def gather_keys(t):
+    """One all-gather per step of the (already concatenated) keys of both views, and once of their ids."""
     if not dist.is_initialized():
-        return k
-    out = [torch.empty_like(k) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, k.contiguous())
+        return t
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
     return torch.cat(out)
 
 
-def cmid_step_losses(student, teacher, state, v1, v2, p1, p2, masks, teacher_temp, args):
-    """All CMID losses for one batch of two views. -> (dict of losses, keys, teacher local logits)."""
+def cmid_step_losses(student, teacher, state, v1, v2, p1, p2, masks, ids, teacher_temp, args):
+    """All CMID losses for one batch of two views; ids [B] identify the images (queue); updates the local centre.
+    -> (dict of losses, the teacher keys to enqueue: view 2's then view 1's, the official order)."""
     mp = [pixel_mask(m, v1.shape[-1]) for m in masks]
+    grid = v1.shape[-1] // 32
+    c1, c2 = cell_centres(p1["boxes"], p1["hflip"], grid), cell_centres(p2["boxes"], p2["hflip"], grid)
+    i1, j2 = match_cells(c1, c2, args.local_pairs)   # student view-1 cells and their nearest view-2 cells
+    i2, j1 = match_cells(c2, c1, args.local_pairs)   # and the other direction
     with autocast(args, v1.device):   # the networks in bf16; every loss below in fp32 (their inputs are fp32)
         with torch.no_grad():   # teacher: both views, unmasked
-            k1, t1, _ = teacher(v1)
-            k2, t2, fmap = teacher(v2)
-        q1, s1, r1 = student(mean_fill(v1, mp[0]), masks[0])
-        q2, s2, r2 = student(mean_fill(v2, mp[1]), masks[1])
-    l_mim = sum(focal_l1_loss(r, v, m) + args.w_freq * focal_frequency_loss(r, v, m)
-                for r, v, m in ((r1, v1, mp[0]), (r2, v2, mp[1]))) / 2
-    l_global = 0.5 * (infonce_loss(q1, k2, state.queue, args.moco_temp) + infonce_loss(q2, k1, state.queue, args.moco_temp))
-    i1, i2 = match_cells(p1["boxes"], p1["hflip"], p2["boxes"], p2["hflip"], fmap.shape[-1], args.local_pairs)
-    pick = lambda x, i: x.gather(2, i.unsqueeze(1).expand(-1, x.shape[1], -1))
-    c = state.centre
-    l_local = 0.5 * (local_distill_loss(pick(s1, i1), pick(t2, i2), c, args.student_temp, teacher_temp)
-                     + local_distill_loss(pick(s2, i2), pick(t1, i1), c, args.student_temp, teacher_temp))
+            k1, t1, _ = teacher(v1, j1)
+            k2, t2, _ = teacher(v2, j2)
+        q1, s1, r1 = student(mean_fill(v1, mp[0]), masks[0], i1)
+        q2, s2, r2 = student(mean_fill(v2, mp[1]), masks[1], i2)
+    views = ((r1, v1, mp[0]), (r2, v2, mp[1]))
+    l_l1 = sum(focal_l1_loss(r, v, m) for r, v, m in views) / 2
+    l_ffl = sum(focal_frequency_loss(r, v, m) for r, v, m in views) / 2
+    l_mim = l_l1 + args.w_freq * l_ffl
+    own = ids.view(-1, 1) == state.queue_ids.view(1, -1)
+    l_global = 0.5 * (infonce_loss(q1, k2, state.queue, args.moco_temp, own)
+                      + infonce_loss(q2, k1, state.queue, args.moco_temp, own))
+    l_local = local_loss(((s1, t2), (s2, t1)), state, args.student_temp, teacher_temp, args.center_momentum)
     total = args.w_mim * l_mim + args.w_global * l_global + args.w_local * l_local
-    losses = {"loss": total, "mim": l_mim, "global": l_global, "local": l_local}
-    return losses, torch.cat([k1, k2]).detach(), torch.cat([t1, t2]).detach()
+    losses = {"loss": total, "mim": l_mim, "l1": l_l1, "ffl": l_ffl, "global": l_global, "local": l_local}
+    return losses, torch.cat([k2, k1]).detach()
 
 
 # ------------------------------------------------------------------------ teacher / optimiser
@@ -542,12 +575,14 @@ class Adan(torch.optim.Optimizer):
 
 
 def param_groups(model, weight_decay):
-    """Weight decay only on weights of 2+ dims (not biases, norms, tokens, position embeddings)."""
+    """Weight decay on every parameter of 2+ dims, the mask token included (the official optimiser is timm's
+    create_optimizer_v2 with filter_bias_and_bn: only 1-D tensors are exempt); not on biases, norms, and the
+    ViT's [CLS] and position embedding (timm's ViT no_weight_decay; the official code has no ViT)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim <= 1 or any(s in name for s in ("mask_token", "cls_token", "pos_embed"))
+        skip = p.ndim <= 1 or any(s in name for s in ("cls_token", "pos_embed"))
         (no_decay if skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
@@ -582,13 +617,59 @@ def setup_distributed():   # device first, so NCCL binds each rank to its own GP
     return device
 
 
+# View 2's photometric ops, batched, on [0,1] images, as the official albumentations 1.2.1 pipeline
+# (Dataset/transform.py get_contrastive_transform) draws them per image.
+def draw(x, p):
+    return (torch.rand(x.shape[0], device=x.device) < p).view(-1, 1, 1, 1)
+
+
+def blur_params(batch, device):
+    """A.GaussianBlur(blur_limit=(3, 7), sigma_limit=(0.1, 2), p=1): kernel size randrange(3, 8), an even draw
+    moved to the next odd size (3: 1/5, 5: 2/5, 7: 2/5); sigma U(0.1, 2). -> (sizes, sigmas) [B]."""
+    size = torch.randint(3, 8, (batch,), device=device)
+    return size + (size % 2 == 0), torch.empty(batch, device=device).uniform_(0.1, 2.0)
+
+
+def gaussian_blur(x, size, sigma):
+    """cv2.GaussianBlur with a per-image kernel size and sigma: separable, reflect-101 border."""
+    B, C, H, W = x.shape
+    t = torch.arange(-3, 4, device=x.device, dtype=x.dtype)
+    k = torch.exp(-t ** 2 / (2 * sigma[:, None] ** 2)) * (t.abs() <= size[:, None] // 2)   # 7 taps, 0 past the size
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(C, 0)
+    y = F.conv2d(F.pad(x.reshape(1, B * C, H, W), [3] * 4, mode="reflect"), k[:, None, :, None], groups=B * C)
+    return F.conv2d(y, k[:, None, None, :], groups=B * C).view(B, C, H, W)
+
+
+def gauss_noise(x, p=0.6):
+    """A.GaussNoise(p=0.6): variance U(10, 50) on the uint8 scale (sigma 0.012-0.028 here), per pixel and channel."""
+    sigma = torch.empty(x.shape[0], 1, 1, 1, device=x.device).uniform_(10, 50).sqrt() / 255
+    return (x + torch.randn_like(x) * sigma * draw(x, p)).clamp(0, 1)
+
+
+def solarize(x, p=0.2):
+    """A.Solarize(p=0.2): uint8 values >= 128 become 255 - v."""
+    return torch.where(draw(x, p) & (x >= 128 / 255), 1 - x, x)
+
+
+def to_gray(x, p=0.2):
+    """A.ToGray(p=0.2): cv2 RGB2GRAY weights, repeated over the 3 channels."""
+    gray = (0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:]).expand_as(x)
+    return torch.where(draw(x, p), gray, x)
+
+
 def build_views(args, device):
-    """Section III-A: both views RRC(0.3-1) + hflip; view 2 adds jitter, blur, noise, solarise, gray."""
-    common = dict(scale=(0.3, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, mean=CMID_MEAN, std=CMID_STD)
-    aug1 = data.BatchAugment(args.img_size, jitter_p=0.0, gray_p=0.0, blur_p=0.0, **common)
-    aug2 = data.BatchAugment(args.img_size, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2,
-                             blur_p=1.0, blur_sigma=(0.1, 2.0), noise_p=0.6, solarize_p=0.2, **common)
-    return aug1.to(device), aug2.to(device)
+    """Section III-A: both views RRC(0.3-1) + hflip; view 2 then jitter, blur, noise, solarise, gray, in the
+    official order. -> two callables uint8 [B,3,H,W] -> (normalised view, params with "boxes", "hflip")."""
+    common = dict(scale=(0.3, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, gray_p=0.0)
+    aug1 = data.BatchAugment(args.img_size, jitter_p=0.0, mean=CMID_MEAN, std=CMID_STD, **common).to(device)
+    crop_jitter = data.BatchAugment(args.img_size, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8,
+                                    mean=(0, 0, 0), std=(1, 1, 1), **common).to(device)
+
+    def aug2(x):
+        v, params = crop_jitter(x)
+        v = to_gray(solarize(gauss_noise(gaussian_blur(v, *blur_params(len(v), v.device)))))
+        return data.normalize(v, CMID_MEAN, CMID_STD), params
+    return aug1, aug2
 
 
 def build_models(args, device, world):
@@ -622,8 +703,8 @@ def autocast(args, device):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def train_step(student, teacher, state, optimizer, scaler, images, aug, sched, step, args, device):
-    """One optimisation step on a uint8 batch; returns the (device) loss dict, no host sync."""
+def train_step(student, teacher, state, optimizer, scaler, images, ids, aug, sched, step, args, device):
+    """One optimisation step on a uint8 batch and its image ids [B]; returns the (device) loss dict, no host sync."""
     for g in optimizer.param_groups:
         g["lr"] = sched["lr"][step]
     x = images.to(device, non_blocking=True)
@@ -633,15 +714,14 @@ def train_step(student, teacher, state, optimizer, scaler, images, aug, sched, s
         v1, v2 = v1.contiguous(memory_format=torch.channels_last), v2.contiguous(memory_format=torch.channels_last)
     grid = args.img_size // args.mask_patch_size
     masks = [random_grid_masks(x.shape[0], grid, args.mask_ratio, device) for _ in range(2)]
-    losses, keys, t_local = cmid_step_losses(student, teacher, state, v1, v2, p1, p2, masks,
-                                             sched["teacher_temp"][step], args)
+    ids = ids.to(device)
+    losses, keys = cmid_step_losses(student, teacher, state, v1, v2, p1, p2, masks, ids, sched["teacher_temp"][step], args)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(losses["loss"]).backward()
     scaler.step(optimizer)
     scaler.update()
     ema_update(unwrap(student).encoder, teacher, sched["momentum"][step])
-    state.enqueue(gather_keys(F.normalize(keys.float(), dim=1)))
-    state.update_centre(t_local, args.center_momentum)
+    state.enqueue(gather_keys(F.normalize(keys.float(), dim=1)), gather_keys(torch.cat([ids, ids])))
     return {k: v.detach() for k, v in losses.items()}
 
 
@@ -711,6 +791,12 @@ def knn_now(teacher, loaders, args, device):
     return knn_classify(xtr, ytr, xte, yte, len(loaders["test"].dataset.classes))
 
 
+def batches_with_ids(loader):
+    """(images, ids) per batch: ids = positions in the train split, from the loader's own (deterministic per epoch)
+    batch sampler; iter(loader) runs now, not at the first next(), so the caller's fork_rng covers it."""
+    return ((images, torch.as_tensor(pos, dtype=torch.long)) for (images, _), pos in zip(iter(loader), loader.sampler))
+
+
 def train(args, device, rank, world):
     """Pretrain -> (teacher, student), or None when preempted (checkpoint saved). Checkpoints every --save-every
     minutes, at the end, at --max-steps and on SIGTERM/SIGUSR1; --resume auto continues exactly from any of them."""
@@ -771,18 +857,18 @@ def train(args, device, rank, world):
             print(f"checkpoint {ck_path} at step {step}: snapshot {writer.snapshot_ms:.0f} ms"
                   + (f" (previous write {writer.write_ms:.0f} ms)" if writer.write_ms else ""), flush=True)
 
-    names = ["loss", "mim", "global", "local"]
+    names = ["loss", "mim", "l1", "ffl", "global", "local"]   # l1 + w_freq * ffl = mim
     for epoch in range(step // steps_per_epoch, args.epochs if step < total_steps else 0):
         loader.sampler.set_epoch(epoch)
         with torch.random.fork_rng(devices=[]):   # building the iterator must not move the global RNG
-            it = iter(loader)
+            it = batches_with_ids(loader)
         sums = torch.zeros(len(names) + 1, dtype=torch.float64) if sums is None else sums   # + step count
         sums, t0, first = sums.to(device), time.time(), step % steps_per_epoch
         for i in range(steps_per_epoch):
-            images, _ = next(it)
+            images, ids = next(it)
             if i < first:
                 continue   # mid-epoch resume: replay the epoch's sampler order, skip the finished steps
-            losses = train_step(student, teacher, state, optimizer, scaler, images, aug, sched, step, args, device)
+            losses = train_step(student, teacher, state, optimizer, scaler, images, ids, aug, sched, step, args, device)
             step, seen = step + 1, seen + images.shape[0] * world
             sums += torch.stack([losses[k].double() for k in names] + [sums.new_ones(())])
             if (i + 1) % args.log_every == 0 or i + 1 == steps_per_epoch:   # the only host sync of a step
@@ -842,6 +928,22 @@ def extract_features(backbone, loader, device, args):
     return torch.cat(feats), torch.cat(labels)
 
 
+@torch.no_grad()
+def reestimate_bn(model, loader, device):
+    """BatchNorm running statistics = cumulative average over one pass of the loader's images (no labels): the
+    random-init floor's stats left at 0/1 are an unnormalised network. -> whether there is BatchNorm (ViT: none)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    if bns:
+        model.train()
+        for images, _ in loader:
+            model(data.normalize(images.to(device), CMID_MEAN, CMID_STD))
+    model.eval()
+    return bool(bns)
+
+
 def linear_probe(xtr, ytr, xte, yte, n_classes, weight_decay=1e-4, iters=300):
     """Softmax regression on L2-normalised features, full-batch L-BFGS, fixed hyper-parameters
     (L2 penalty 1e-4 * |W|^2, 300 iterations, strong-Wolfe line search); never tuned on test."""
@@ -882,6 +984,7 @@ def evaluate(backbone, args, device):
     n_classes = len(loaders["test"].dataset.classes)
     torch.manual_seed(args.seed + 12345)
     models = {"cmid": backbone, "random init": build_backbone(args).to(device)}
+    bn_note = reestimate_bn(models["random init"], loaders["train"], device)
     results = {}
     for name, model in models.items():
         f = {s: extract_features(model, ld, device, args) for s, ld in loaders.items()}
@@ -889,11 +992,13 @@ def evaluate(backbone, args, device):
         results[name] = {"linear@1%": linear_probe(x1, y1, xte, yte, n_classes),
                          "linear@100%": linear_probe(xtr, ytr, xte, yte, n_classes),
                          "knn": knn_classify(xtr, ytr, xte, yte, n_classes)}
-    print(f"\nevaluation on {args.data} ({len(loaders['train1'].dataset)} / {len(loaders['train'].dataset)} "
-          f"train, {len(loaders['test'].dataset)} test images), top-1 %")
+    print(f"\nevaluation on {args.data} ({len(loaders['train1'].rows)} / {len(loaders['train'].rows)} "
+          f"train, {len(loaders['test'].rows)} test images), top-1 %")
     print(f"{'model':<14}{'linear@1%':>11}{'linear@100%':>13}{'knn':>8}")
     for name, r in results.items():
         print(f"{name:<14}{r['linear@1%']:>11.2f}{r['linear@100%']:>13.2f}{r['knn']:>8.2f}")
+    if bn_note:
+        print("(random init: BatchNorm statistics re-estimated on the train images, no labels)")
     with open(Path(args.out) / "eval.json", "w") as f:
         json.dump(results, f, indent=1)
     return results
@@ -938,7 +1043,8 @@ def bench(args, device, rank, world):
     aug = build_views(args, device)
     load = args.load_size or args.img_size
     images = torch.randint(0, 256, (args.batch_size, 3, load, load), dtype=torch.uint8, device=device)
-    step = lambda s: train_step(student, teacher, state, optimizer, scaler, images, aug, sched, s, args, device)  # noqa: E731
+    ids = torch.arange(args.batch_size, device=device)
+    step = lambda s: train_step(student, teacher, state, optimizer, scaler, images, ids, aug, sched, s, args, device)  # noqa: E731
     with FlopCounterMode(display=False) as fc:   # model FLOPs of one step (eager, forward + backward)
         step(0)
     flops = fc.get_total_flops()
