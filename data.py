@@ -659,13 +659,20 @@ class Threads:
     the interpreter's exit, unlike ThreadPoolExecutor's threads)."""
 
     def __init__(self, n):
-        self.jobs, self.n = queue.SimpleQueue(), n
-        for _ in range(n):
-            threading.Thread(target=self._run, daemon=True, name="rsmim-loader").start()
+        self.jobs = queue.SimpleQueue()
+        self.threads = [threading.Thread(target=self._run, daemon=True, name="rsmim-loader") for _ in range(n)]
+        for thread in self.threads:
+            thread.start()
 
-    def stop(self):
-        for _ in range(self.n):
+    def stop(self, pending=()):
+        """Cancel the `pending` futures not started yet, let the running ones finish and join the
+        threads: a daemon thread still inside torch when the interpreter exits aborts the process."""
+        for _, future in pending:
+            future.cancel()
+        for _ in self.threads:
             self.jobs.put(None)
+        for thread in self.threads:
+            thread.join()
 
     def submit(self, fn, *args):
         future = Future()
@@ -695,7 +702,7 @@ class Loader:
         self.pending = collections.deque()     # ((epoch, batch index), Future), in stream order
         self.stream = self.samples = None
         self.buffers, self.buffers_lock = [], threading.Lock()
-        weakref.finalize(self, self.threads.stop)
+        weakref.finalize(self, self.threads.stop, self.pending)   # at exit too (atexit=True)
 
     def __len__(self):
         return len(self.sampler)
@@ -722,8 +729,9 @@ class Loader:
         self.stream = self._batches(epoch)
         if self.array is None:                               # PIL path: the same stream, one sample at a time
             order = (row for _, _, rows in self._batches(epoch) for row in rows)
-            self.samples = iter(torch.utils.data.DataLoader(self.dataset, batch_size=None, sampler=order,
-                                                            num_workers=self.workers))
+            self.samples = iter(torch.utils.data.DataLoader(   # its own generator: starting workers
+                self.dataset, batch_size=None, sampler=order, num_workers=self.workers,  # leaves the
+                generator=torch.Generator().manual_seed(self.seed)))  # training's global RNG alone
         self._submit()
 
     def _submit(self):

@@ -6,6 +6,8 @@ import json
 import logging
 import math
 import pathlib
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -567,3 +569,27 @@ def test_torchrun_shards_and_builds_the_cache_once(tmp_path, run_torchrun):
     assert all(r["world"] == 2 and len(r["seen"]) == 20 and r["pixels"] > 0 for r in ranks)
     assert sorted(ranks[0]["seen"] + ranks[1]["seen"]) == list(range(40))
     assert sorted(p.name for p in cache.glob("synthetic*")) == ["synthetic-n40-seed0_16.json", "synthetic-n40-seed0_16.u8"]
+
+
+def test_loader_leaves_the_global_rng_alone():
+    """Iterating a loader (PIL path: worker processes, or the synthetic generator) draws nothing from
+    torch's global RNG: a resumed run must see the same augmentations as an uninterrupted one,
+    whenever the loader happens to start its workers."""
+    loader = data.build_loader("synthetic", None, "train", size=16, batch_size=4, shuffle=True,
+                               drop_last=True, synthetic_images=24, workers=1, distributed=False)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    loader.sampler.set_epoch(1)
+    next(iter(loader))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_process_exits_cleanly_with_batches_still_being_prepared(tmp_path):
+    """The loader's threads keep preparing batches ahead; a process that stops mid-epoch (--max-steps,
+    preemption, an error) must still exit normally, not abort in a daemon thread inside torch."""
+    code = ("import data\n"
+            "loader = data.build_loader('synthetic', None, 'train', size=32, batch_size=4, shuffle=True,\n"
+            "                           drop_last=True, synthetic_images=60, workers=0, distributed=False)\n"
+            "next(iter(loader))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=pathlib.Path(data.__file__).parent, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
