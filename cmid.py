@@ -772,7 +772,9 @@ def train(args, device, rank, world):
                   + (f" (previous write {writer.write_ms:.0f} ms)" if writer.write_ms else ""), flush=True)
 
     names = ["loss", "mim", "global", "local"]
-    for epoch in range(step // steps_per_epoch, args.epochs if step < total_steps else 0):
+    for epoch in range(step // steps_per_epoch, args.epochs):
+        if step == total_steps:
+            break
         loader.sampler.set_epoch(epoch)
         with torch.random.fork_rng(devices=[]):   # building the iterator must not move the global RNG
             it = iter(loader)
