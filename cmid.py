@@ -125,7 +125,6 @@ MODEL_KEYS = ("arch", "patch_size", "depth", "img_size", "proj_hidden", "proj_di
               "local_out", "mask_patch_size", "mask_ratio", "queue_size")
 # What a checkpoint mode takes from its command line instead of the checkpoint: nothing that picks the data, the split
 # or the model (--data-root only finds the same files where the dataset moved; the split check below proves it).
-PIPELINE = hasattr(data, "resolve_load_size")   # until data.py has resolve_load_size() and cache="auto"
 CKPT_MODE_FLAGS = ("data_root", "batch_size", "workers", "cache", "attn", "eval_feat", "skip_bad")
 RUN_MODES = ("eval_only", "export", "visualize", "out", "amp")   # always this command's (None: beside it, this machine's)
 
@@ -159,8 +158,6 @@ def resolve_args(args, given=(), ckpt=None):
     args.eval_every = max(1, args.epochs // 5) if args.eval_every is None else args.eval_every
     args.out = args.out or (str(Path(path).parent) if path else f"runs/cmid_{Path(args.data).name}")
     args.amp = args.amp or ("bf16" if torch.cuda.is_available() else "none")
-    if not PIPELINE:   # today's data.py: no cache="auto" yet
-        args.cache = {"auto": None, "none": None}.get(args.cache, args.cache)
     base = 4 if args.arch == "resnet50" else args.patch_size   # the resolution where the mask token is added
     if args.img_size % 32 or args.img_size % args.mask_patch_size or args.mask_patch_size % base or 32 % base:
         raise data.UserError(f"--img-size must be a multiple of 32 and of --mask-patch-size, itself a multiple of {base}, a divisor of 32")
@@ -801,8 +798,8 @@ def train(args, device, rank, world):
     """Pretrain -> (teacher, student), or None when preempted (checkpoint saved). Checkpoints every --save-every
     minutes, at the end, at --max-steps and on SIGTERM/SIGUSR1; --resume auto continues exactly from any of them."""
     out, ck_path = Path(args.out), Path(args.out) / "checkpoint.pth"
-    args.load_size = args.load_size or (data.resolve_load_size(args.data, args.data_root, args.img_size, None,
-                                                               args.synthetic_images) if PIPELINE else args.img_size)
+    args.load_size = data.resolve_load_size(args.data, args.data_root, args.img_size, args.load_size,
+                                            args.synthetic_images)   # native size, at most 2x --img-size
     loader = data.build_loader(args.data, args.data_root, "train", size=args.load_size, batch_size=args.batch_size,
                                shuffle=True, drop_last=True, seed=args.seed, split_seed=args.split_seed,
                                workers=args.workers, cache=args.cache, synthetic_images=args.synthetic_images,
@@ -858,7 +855,9 @@ def train(args, device, rank, world):
                   + (f" (previous write {writer.write_ms:.0f} ms)" if writer.write_ms else ""), flush=True)
 
     names = ["loss", "mim", "l1", "ffl", "global", "local"]   # l1 + w_freq * ffl = mim
-    for epoch in range(step // steps_per_epoch, args.epochs if step < total_steps else 0):
+    for epoch in range(step // steps_per_epoch, args.epochs):
+        if step == total_steps:
+            break
         loader.sampler.set_epoch(epoch)
         with torch.random.fork_rng(devices=[]):   # building the iterator must not move the global RNG
             it = batches_with_ids(loader)

@@ -342,6 +342,7 @@ def test_exact_resume_after_preemption_max_steps_and_a_lost_tail(tmp_path, monke
         return ck
     monkeypatch.setattr(data, "load_checkpoint", load_rng_elsewhere)
     cmid.main(b_args + ["--resume", "auto", "--max-steps", "3"])      # mid-epoch 1 -> end of epoch 1
+    assert "stopped at --max-steps 3" in capsys.readouterr().out and read_log(b)[-1]["step"] == 3
     shutil.copy(b / "checkpoint.pth", tmp_path / "step3.pth")
     cmid.main(b_args + ["--resume", "auto"])
     shutil.copy(tmp_path / "step3.pth", b / "checkpoint.pth")         # killed after step 3's save: the log ran ahead
@@ -406,7 +407,7 @@ def test_two_nodes_agree_checkpoint_and_resume(tmp_path):
     assert len(sums) == 2 and sums["0"] == sums["1"]                 # identical parameters on both ranks
     assert "grad strides do not match" not in stderr.lower()
     ck = torch.load(out / "checkpoint.pth", weights_only=False)
-    assert ck["global_step"] == 2 and len(ck["ranks"]) == 2
+    assert ck["global_step"] == 2 and len(ck["ranks"]) == 2 and read_log(out)[-1]["step"] == 2
     stdout, _ = two_nodes(*common, "--resume", "auto")
     sums = dict(re.findall(r"rank (\d) of 2 checksum (\S+)", stdout))
     assert "resumed from" in stdout and len(sums) == 2 and sums["0"] == sums["1"]
