@@ -1,22 +1,44 @@
-"""CMID: Contrastive Mask Image Distillation, in one file (Muhtar et al., IEEE TGRS 2023,
-arXiv 2304.09670; official code NJU-LHRS/official-CMID). Read top to bottom:
-args -> model -> masking -> losses -> teacher/EMA + optimiser -> schedules -> train loop ->
-evaluate -> visualize -> bench -> main.
+"""CMID: Contrastive Mask Image Distillation, in one file.
 
-A student sees two masked views of an image; an EMA teacher sees the same two views unmasked.
-Three losses (paper section III):
-  * MIM: the student reconstructs the masked pixels (focal L1 + focal frequency loss);
-  * global: MoCo-v2 InfoNCE between the student's masked view and the teacher's other view;
-  * local: DINO-style self-distillation between feature-map cells of the two views that lie
-    closest in the original image.
+Paper: Muhtar et al., IEEE TGRS 2023, arXiv 2304.09670; official code NJU-LHRS/official-CMID.
+
+A student sees two masked views of an image (random_grid_masks: 30 of 49 cells, mean-filled, plus
+a mask token); an EMA teacher sees them unmasked. Three losses (paper section III): MIM, the
+student reconstructs the masked pixels (focal_l1_loss + focal_frequency_loss); global, MoCo-v2
+InfoNCE between the student's masked view and the teacher's other view against a queue
+(infonce_loss); local, DINO-style distillation between feature-map cells of the two views that lie
+closest in the original image (match_cells, local_distill_loss). ResNet-50 (torchvision names)
+and ViT-Tiny/S/B (timm names); Adan optimiser written in the file. Read top to bottom: args ->
+model -> masking -> losses -> teacher/EMA + optimiser -> schedules -> train -> evaluate ->
+visualize -> bench -> main.
+
+As the official code (issue 13): the batch-averaged focal frequency loss with unmask weight 0.001
+(FocalFrequencyLoss ave_spectrum, log_matrix, batch_matrix); view-2 ops in the albumentations order
+and ranges; the last BN of each bottleneck zero-initialised; the mask token weight-decayed; each cell
+matched to its nearest cell of the other view, once per direction, the local head on the matched
+cells only, the centre updated after each direction.
+
+Differs from the official code:
+- cells matched through the real crop boxes and flips (official: fractional offsets);
+- queue keys carry image ids and a query never meets its own image among the negatives (official:
+  no ids; on ~1M images they never meet, on AID or UCM the queue spans epochs);
+- keys all-gathered once per step and enqueued once (official: N copies of each key with N GPUs);
+- local pairs capped at the cell count; the augmentations run batched on the device;
+- ViT support (the paper claims it; the official code has ResNet-50 and Swin-B; no Swin here), its
+  map average-pooled to the stride-32 grid for the local branch (7x7 cells, as ResNet's);
+- evaluation's random-init floor (curves and table) re-estimates BatchNorm statistics on the train images.
 
 Launch:
-  python cmid.py                                     # demo: synthetic scenes, ViT-Tiny, 64 px, CPU
-  python cmid.py --data UCM --data-root ../shared/data --epochs 20 --batch-size 32
-  torchrun --standalone --nproc_per_node=8 cmid.py --data AID --data-root /datasets  # paper setup
-  python cmid.py --eval-only runs/cmid_UCM/checkpoint.pth   # or --export, --visualize: all from the checkpoint
-  torchrun ... cmid.py ... --resume auto                     # continue exactly where a run was saved or preempted
-  python cmid.py --bench 20 --arch resnet50 --batch-size 64       # random tensors, images/s, MFU
+    python cmid.py                                      # CPU demo: synthetic, ViT-Tiny, 64 px
+    python cmid.py --data UCM --data-root ../shared/data --epochs 20 --batch-size 32
+    torchrun --standalone --nproc_per_node=8 cmid.py --data AID --data-root /datasets   # paper recipe
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \
+        --rdzv-id=run1 cmid.py --data AID --data-root /datasets --resume auto       # on each node
+    python cmid.py --eval-only runs/cmid_UCM/checkpoint.pth      # also --export, --visualize
+    python cmid.py --bench 20 --arch resnet50 --batch-size 64
+--resume auto continues exactly from OUT/checkpoint.pth (saved every --save-every minutes, at the end and on
+SIGTERM/SIGUSR1). --eval-only, --export and --visualize take the data, split and model from the checkpoint
+and write beside it (unless --out).
 """
 import argparse
 import copy
