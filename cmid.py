@@ -151,11 +151,16 @@ CKPT_MODE_FLAGS = ("data_root", "batch_size", "workers", "cache", "attn", "eval_
 RUN_MODES = ("eval_only", "export", "visualize", "out", "amp")   # always this command's (None: beside it, this machine's)
 
 
-def refuse_differences(keys, args, saved, path):
-    """A flag that picks the data split or the model must be the checkpoint's."""
+def refuse_differences(keys, args, ck, path, scenes=None):
+    """A flag that picks the data split or the model (keys) must be the checkpoint's, and the data found now (scenes)
+    must give the checkpoint's train/test split: the dataset may have moved, not changed."""
+    saved = ck["args"]
     if diff := [k for k in keys if getattr(args, k) != saved.get(k)]:
         flags = lambda ns: " ".join(f"--{k.replace('_', '-')} {ns[k]}" for k in diff)   # noqa: E731
         raise data.UserError(f"{path} was trained with {flags(saved)}, not {flags(vars(args))}: use the checkpoint's")
+    if scenes is not None and ck.get("split", split_signature(scenes)) != split_signature(scenes):
+        raise data.UserError(f"{path}: the train/test split of the data found now is not the checkpoint's "
+                             f"({saved['data']}): point --data/--data-root at the checkpoint's dataset")
 
 
 def resolve_args(args, given=(), ckpt=None):
@@ -163,9 +168,8 @@ def resolve_args(args, given=(), ckpt=None):
     the data, split and model come from the checkpoint; a given --data, --split-seed or model flag must agree."""
     path = args.export or args.eval_only or args.visualize   # those write beside their checkpoint
     if ckpt is not None:
-        saved = {"split_seed": ckpt["args"]["seed"], **ckpt["args"]}   # before --split-seed, --seed drew the split
-        refuse_differences(sorted(set(given) & {"data", "split_seed", *MODEL_KEYS}), args, saved, path)
-        args = argparse.Namespace(**{**vars(args), **saved, "resume": None, "bench": 0,
+        refuse_differences(sorted(set(given) & {"data", "split_seed", *MODEL_KEYS}), args, ckpt, path)
+        args = argparse.Namespace(**{**vars(args), **ckpt["args"], "resume": None, "bench": 0,
                                      **{k: getattr(args, k) for k in CKPT_MODE_FLAGS + RUN_MODES if k in given or k in RUN_MODES}})
     demo = args.data is None
     paper = dict(synthetic_images=1000, img_size=224, arch="resnet50", patch_size=16, proj_hidden=2048,
@@ -772,6 +776,7 @@ def load_run_checkpoint(path):
     ck = data.load_checkpoint(path)
     if (script := ck.get("script", "cmid.py" if {"teacher", "state"} <= ck.keys() else "another script")) != "cmid.py":
         raise data.UserError(f"{path} is a checkpoint of {script}, not of cmid.py: pass one written by cmid.py")
+    ck["args"].setdefault("split_seed", ck["args"]["seed"])   # before --split-seed, --seed drew the split
     return ck
 
 
@@ -779,13 +784,6 @@ def split_signature(scenes):
     """What a checkpoint must agree with: classes and the train/test files (not where they live)."""
     record = [scenes.classes] + [[scenes.all_samples[i] for i in scenes.splits[s]] for s in ("train", "test")]
     return hashlib.sha1(json.dumps(record).encode()).hexdigest()
-
-
-def check_split(ck, scenes, path):
-    """The data found now must give the checkpoint's train/test split (the dataset may have moved, not changed)."""
-    if ck.get("split", split_signature(scenes)) != split_signature(scenes):
-        raise data.UserError(f"{path}: the train/test split of the data found now is not the checkpoint's "
-                             f"({ck['args']['data']}): point --data/--data-root at the checkpoint's dataset")
 
 
 def read_log(folder):
@@ -800,10 +798,10 @@ def write_log(out, records):   # log.jsonl (whole, atomically) and curves.png
     data.plot_curves([r for r in records if "time_s" in r], Path(out) / "curves.png", floor)
 
 
-def knn_now(teacher, loaders, args, device):
-    """The final table's 20-NN accuracy of the teacher backbone now (rank 0), leaving the RNG streams and the train mode
-    as they were: an evaluation never changes the training that follows it."""
-    backbone, mode = unwrap(teacher).backbone, unwrap(teacher).backbone.training
+def knn_now(backbone, loaders, args, device):
+    """The final table's 20-NN accuracy of a backbone now (rank 0), leaving the RNG streams and the train mode as they
+    were: an evaluation never changes the training that follows it."""
+    mode = backbone.training
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         (xtr, ytr), (xte, yte) = (extract_features(backbone, loaders[s], device, args) for s in ("train", "test"))
     backbone.train(mode)
@@ -832,8 +830,7 @@ def train(args, device, rank, world):
         raise data.UserError(f"{args.data}: fewer training images than --batch-size {args.batch_size} x {world} ranks")
     resume = ck_path if args.resume == "auto" and ck_path.is_file() else None if args.resume == "auto" else args.resume
     if ck := load_run_checkpoint(resume) if resume else None:
-        refuse_differences(MODEL_KEYS + ("split_seed",), args, ck["args"], resume)
-        check_split(ck, scenes, resume)
+        refuse_differences(MODEL_KEYS + ("split_seed",), args, ck, resume, scenes)
     if rank == 0:
         data.save_splits(scenes, out / "splits.json")
         (out / "args.json").write_text(json.dumps(vars(args), indent=1))
@@ -855,8 +852,9 @@ def train(args, device, rank, world):
         records = [r for r in read_log(out) if r.get("step", 0) <= step]   # drop what the lost steps logged
         print(f"resumed from {resume}: epoch {step // steps_per_epoch + 1} step {step % steps_per_epoch}") if rank == 0 else None
     eval_loaders = {s: eval_loader(args, s) for s in ("train", "test")} if args.eval_every and rank == 0 else None
-    if eval_loaders and not ck:   # the random-init floor of the curves: the seed's initial teacher
-        records.append({"knn_floor": knn_now(teacher, eval_loaders, args, device)})
+    if eval_loaders and not ck:   # the random-init floor of the curves, the final table's
+        floor = random_init_backbone(args, eval_loaders["train"], device)[0]
+        records.append({"knn_floor": knn_now(floor, eval_loaders, args, device)})
     write_log(out, records) if rank == 0 else None
     student = wrap_ddp(student, device) if world > 1 else student
     if args.compile:
@@ -910,7 +908,7 @@ def train(args, device, rank, world):
                 if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
                     t_eval = time.time()
                     if rank == 0:
-                        records.append({**at, "knn": knn_now(teacher, eval_loaders, args, device)})
+                        records.append({**at, "knn": knn_now(unwrap(teacher).backbone, eval_loaders, args, device)})
                         print(f"epoch {epoch + 1}: 20-NN accuracy {records[-1]['knn']:.2f}%", flush=True)
                     dist.barrier() if world > 1 else None   # the other ranks wait (3 h timeout)
                     clock += time.time() - t_eval
@@ -947,6 +945,15 @@ def extract_features(backbone, loader, device, args):
         feats.append(F.normalize(f.float(), dim=1).cpu())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
+
+
+def random_init_backbone(args, loader, device):
+    """The random-init floor of the curves and of the final table: the backbone training starts from (the seed's
+    initial teacher), its BatchNorm statistics re-estimated on loader's images. -> (backbone, whether it has BN)."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(args.seed)   # as build_models: the backbone is the first thing it draws
+        backbone = build_backbone(args).to(device)
+        return backbone, reestimate_bn(backbone, loader, device)
 
 
 @torch.no_grad()
@@ -1003,9 +1010,8 @@ def evaluate(backbone, args, device):
     """linear@1%, linear@100%, kNN for the trained teacher backbone and a random-init floor."""
     loaders = {s: eval_loader(args, s) for s in ("train", "train1", "test")}
     n_classes = len(loaders["test"].dataset.classes)
-    torch.manual_seed(args.seed + 12345)
-    models = {"cmid": backbone, "random init": build_backbone(args).to(device)}
-    bn_note = reestimate_bn(models["random init"], loaders["train"], device)
+    floor, bn_note = random_init_backbone(args, loaders["train"], device)
+    models = {"cmid": backbone, "random init": floor}
     results = {}
     for name, model in models.items():
         f = {s: extract_features(model, ld, device, args) for s, ld in loaders.items()}
@@ -1109,7 +1115,7 @@ def checkpoint_mode(ck, args, device):
         return sd
     scenes = data.build_dataset(args.data, args.data_root, "all", seed=args.split_seed, img_size=args.img_size,
                                 synthetic_images=args.synthetic_images, skip_bad=args.skip_bad)
-    check_split(ck, scenes, path)
+    refuse_differences((), args, ck, path, scenes)
     if args.visualize:
         (student := Student(args)).load_state_dict(ck["student"])
         return visualize(student, args, device)

@@ -462,6 +462,7 @@ def test_script_trains_then_checkpoint_modes_work_from_the_checkpoint_alone(tmp_
     trained = json.loads((out / "eval.json").read_text())
     assert set(trained) == {"cmid", "random init"} and set(trained["cmid"]) == {"linear@1%", "linear@100%", "knn"}
     assert [r for r in read_log(out) if "knn" in r][-1]["knn"] == trained["cmid"]["knn"]   # one kNN protocol
+    assert read_log(out)[0]["knn_floor"] == trained["random init"]["knn"]                 # one random-init floor
     assert json.loads((out / "splits.json").read_text())["seed"] == 0                     # --split-seed, not --seed
     moved = tmp_path / "moved"                                        # outputs go beside the checkpoint, wherever
     moved.mkdir()
