@@ -103,7 +103,7 @@ def get_args_parser():
     g.add_argument("--w-freq", type=float, default=1.0, help="weight of the focal frequency term inside MIM")
     g.add_argument("--moco-temp", type=float, default=0.2, help="InfoNCE temperature")
     g.add_argument("--queue-size", type=int, default=None, help="MoCo queue length (65536; demo 4096)")
-    g.add_argument("--local-pairs", type=int, default=20, help="closest cell pairs kept per image (at most the cells)")
+    g.add_argument("--local-pairs", type=int, default=20, help="matched cells kept per image and direction (at most all)")
     g.add_argument("--student-temp", type=float, default=0.1, help="local-loss student temperature")
     g.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="initial teacher temperature")
     g.add_argument("--teacher-temp", type=float, default=0.07, help="final teacher temperature")
@@ -472,9 +472,8 @@ def local_loss(directions, state, student_temp, teacher_temp, momentum):
 
 
 class MethodState(nn.Module):
-    """The MoCo key queue (ring buffer) with each key's image id, and the local-loss centre. The official recipe
-    pretrains on ~1M images, where 65,536 keys never hold an earlier key of the query's own image; on AID (8 x 64
-    per step) they span ~4.3 epochs, on UCM ~40: such keys are left out of that query's negatives."""
+    """The MoCo key queue (ring buffer) with each key's image id, and the local-loss centre. The ids keep a query's own
+    image out of its negatives: 65,536 keys span ~4.3 epochs of AID at 8 x 64 per step, ~40 of UCM."""
 
     def __init__(self, queue_size, key_dim, local_out, seed):
         super().__init__()
@@ -808,6 +807,15 @@ def knn_now(backbone, loaders, args, device):
     return knn_classify(xtr, ytr, xte, yte, len(loaders["test"].dataset.classes))
 
 
+def scene_loader(args, split, train=False, **override):
+    """Training: --load-size images, shuffled and sharded over the ranks, for the random crops. Evaluation: whole
+    images resized to --img-size (no crop), in order, on one process."""
+    kw = dict(size=args.load_size if train else args.img_size, batch_size=args.batch_size, shuffle=train,
+              drop_last=train, distributed=None if train else False, seed=args.seed, split_seed=args.split_seed,
+              workers=args.workers, cache=args.cache, synthetic_images=args.synthetic_images, skip_bad=args.skip_bad)
+    return data.build_loader(args.data, args.data_root, split, **{**kw, **override})
+
+
 def batches_with_ids(loader):
     """(images, ids) per batch: ids = positions in the train split, from the loader's own (deterministic per epoch)
     batch sampler; iter(loader) runs now, not at the first next(), so the caller's fork_rng covers it."""
@@ -820,10 +828,7 @@ def train(args, device, rank, world):
     out, ck_path = Path(args.out), Path(args.out) / "checkpoint.pth"
     args.load_size = data.resolve_load_size(args.data, args.data_root, args.img_size, args.load_size,
                                             args.synthetic_images)   # native size, at most 2x --img-size
-    loader = data.build_loader(args.data, args.data_root, "train", size=args.load_size, batch_size=args.batch_size,
-                               shuffle=True, drop_last=True, seed=args.seed, split_seed=args.split_seed,
-                               workers=args.workers, cache=args.cache, synthetic_images=args.synthetic_images,
-                               skip_bad=args.skip_bad)
+    loader = scene_loader(args, "train", train=True)
     scenes, steps_per_epoch = loader.dataset.scenes, len(loader)
     total_steps = min(steps_per_epoch * args.epochs, args.max_steps or steps_per_epoch * args.epochs)
     if steps_per_epoch == 0:
@@ -851,7 +856,7 @@ def train(args, device, rank, world):
             sums = ck["ranks"][rank]["sums"]
         records = [r for r in read_log(out) if r.get("step", 0) <= step]   # drop what the lost steps logged
         print(f"resumed from {resume}: epoch {step // steps_per_epoch + 1} step {step % steps_per_epoch}") if rank == 0 else None
-    eval_loaders = {s: eval_loader(args, s) for s in ("train", "test")} if args.eval_every and rank == 0 else None
+    eval_loaders = {s: scene_loader(args, s) for s in ("train", "test")} if args.eval_every and rank == 0 else None
     if eval_loaders and not ck:   # the random-init floor of the curves, the final table's
         floor = random_init_backbone(args, eval_loaders["train"], device)[0]
         records.append({"knn_floor": knn_now(floor, eval_loaders, args, device)})
@@ -998,17 +1003,9 @@ def knn_classify(xtr, ytr, xte, yte, n_classes, k=20, temp=0.07):
     return 100.0 * correct / len(xte)
 
 
-def eval_loader(args, split):
-    """Evaluation resizes whole images to --img-size (no crop), in order, on one process."""
-    return data.build_loader(args.data, args.data_root, split, size=args.img_size, batch_size=args.batch_size,
-                             shuffle=False, drop_last=False, seed=args.seed, split_seed=args.split_seed,
-                             workers=args.workers, cache=args.cache, synthetic_images=args.synthetic_images,
-                             skip_bad=args.skip_bad, distributed=False)
-
-
 def evaluate(backbone, args, device):
     """linear@1%, linear@100%, kNN for the trained teacher backbone and a random-init floor."""
-    loaders = {s: eval_loader(args, s) for s in ("train", "train1", "test")}
+    loaders = {s: scene_loader(args, s) for s in ("train", "train1", "test")}
     n_classes = len(loaders["test"].dataset.classes)
     floor, bn_note = random_init_backbone(args, loaders["train"], device)
     models = {"cmid": backbone, "random init": floor}
@@ -1037,9 +1034,7 @@ def visualize(student, args, device, n=8):
     """PNG grid, one row per test image: view | masked input | reconstruction | reconstruction pasted."""
     from PIL import Image
     student = student.to(device).eval()
-    images, _ = next(iter(data.build_loader(args.data, args.data_root, "test", size=args.img_size, batch_size=n,
-                                            shuffle=False, drop_last=False, seed=args.seed, split_seed=args.split_seed,
-                                            workers=0, synthetic_images=args.synthetic_images, distributed=False)))
+    images, _ = next(iter(scene_loader(args, "test", batch_size=n, workers=0)))
     torch.manual_seed(args.seed)
     v, _ = build_views(args, device)[0](images.to(device))
     mask = random_grid_masks(len(v), args.img_size // args.mask_patch_size, args.mask_ratio, device)
