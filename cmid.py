@@ -12,7 +12,7 @@ and ViT-Tiny/S/B (timm names); Adan optimiser written in the file. Read top to b
 model -> masking -> losses -> teacher/EMA + optimiser -> schedules -> train -> evaluate ->
 visualize -> bench -> main.
 
-As the official code (issue 13): the batch-averaged focal frequency loss with unmask weight 0.001
+As the official code: the batch-averaged focal frequency loss with unmask weight 0.001
 (FocalFrequencyLoss ave_spectrum, log_matrix, batch_matrix); view-2 ops in the albumentations order
 and ranges; the last BN of each bottleneck zero-initialised; the mask token weight-decayed; each cell
 matched to its nearest cell of the other view, once per direction, the local head on the matched
