@@ -342,7 +342,7 @@ def _without_interpreter(code_or_args):
 
 def test_sass_report_compiles_what_runs_without_layout_conversions():
     """`python -m kernels.hog --sass`: every launched variant compiles for sm_90 with the JIT's
-    specialisation, with no layout conversion (the shared-memory round trips issue 15 removed), no
+    specialisation, with no layout conversion (no shared-memory round trips between load layouts), no
     spills, and the one-warp patch-16 programs with no shared memory and no barrier at all."""
     rows = [r for r in _without_interpreter(["-m", "kernels.hog", "--sass"]).splitlines() if r.startswith("| ")]
     table = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in rows[1:]}
