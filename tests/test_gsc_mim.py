@@ -73,7 +73,7 @@ def test_same_views_are_complementary_masks_of_one_crop():
     under exact complements, so their masked positions together cover every patch of it; which
     crop is drawn per image (both about equally often); the [CLS] partner is the other crop."""
     rng = np.random.RandomState(5)
-    B, N = 400, 16
+    B = 400
     m1, m2 = gsc.ipc_masks(B, 4, 4, clean_prob=0.5, ratio_range=(0.1, 0.5), rng=rng)
     rows, partner = gsc.student_view_rows(m1, m2, "same", rng)
     crop, image = rows // B, rows % B
