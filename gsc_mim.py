@@ -625,7 +625,7 @@ def build_run(args, niter_per_ep):
 
 
 def train_step(run, images, masks, it, epoch):
-    """One GSC-MIM step on a uint8 batch and its IPC masks (ipc_batch: built by the loader workers);
+    """One GSC-MIM step on a uint8 batch and its IPC masks (ipc_batch: built by the loader's threads);
     returns detached loss tensors (no host sync)."""
     args, dev, opt = run.args, run.device, run.optimizer
     for g in opt.param_groups:
@@ -635,7 +635,7 @@ def train_step(run, images, masks, it, epoch):
     B = images.shape[0]
     (t1, _), (t2, _) = run.aug_t1(images), run.aug_t2(images)
     local = torch.cat([run.aug_local(images)[0] for _ in range(args.local_crops)]) if args.local_crops else None
-    masks_t, index, t_index, weight, rows, partner = [t.to(dev, non_blocking=True) for t in masks]  # pinned by the loader on CUDA
+    masks_t, index, t_index, weight, rows, partner = [t.to(dev, non_blocking=True) for t in masks]  # pinned by ipc_batch on CUDA
     views = torch.cat([t1, t2])  # both global crops through the encoder in one call
     tt = float(run.teacher_temp[min(epoch, len(run.teacher_temp) - 1)])
     with torch.autocast(dev.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
@@ -662,15 +662,17 @@ def train_step(run, images, masks, it, epoch):
 def ipc_batch(rng, batch, args):
     """A batch's IPC masks (bool [2B, N]: student view s1, then s2), the students' crops and [CLS]
     partners (student_view_rows), and the loss's masked-token index, teacher index and weights.
-    build_loader's batch_extras: built in the loader workers, off the training thread,
-    with rng = np.random.default_rng([seed, rank, epoch, batch index]) (resumes exactly)."""
+    build_loader's batch_extras: built in the loader's threads, off the training thread, with
+    rng = np.random.default_rng([seed, rank, epoch, batch index]) (resumes exactly); pinned on CUDA
+    so that train_step's copies to the device are asynchronous."""
     g = args.img_size // args.patch_size
     m1, m2 = ipc_masks(batch, g, g, args.clean_prob, args.mask_ratio, args.mask_shape, rng)
     rows, partner = student_view_rows(m1, m2, args.ipc_views, rng)
     masks = np.concatenate([m1, m2])
     index, weight = masked_token_index(masks)
     t_index = torch.from_numpy(rows)[index // g ** 2] * g ** 2 + index % g ** 2  # same crop, same cell
-    return torch.from_numpy(masks), index, t_index, weight, torch.from_numpy(rows), torch.from_numpy(partner)
+    out = (torch.from_numpy(masks), index, t_index, weight, torch.from_numpy(rows), torch.from_numpy(partner))
+    return tuple(t.pin_memory() for t in out) if torch.cuda.is_available() else out
 
 
 def resolve_load_size(args):
@@ -1129,7 +1131,7 @@ def bench(args):
     line = (f"bench {args.arch}/{args.patch_size} img {args.img_size} batch {args.batch_size}x{args.world_size} K {args.out_dim} "
             f"amp {args.amp} attn {args.attn} compile {args.compile} on {dev.type}: {ips:.1f} images/s, step {dt * 1000:.1f} ms, "
             f"softmax/CE of the losses {loss_ms:.1f} ms ({100 * loss_ms / (dt * 1000):.1f}% of the step); host data "
-            f"side per step: loader {host_ms[0]:.1f} ms ({args.workers} workers build the IPC masks), "
+            f"side per step: loader {host_ms[0]:.1f} ms (its threads build the IPC masks), "
             f"IPC masks alone {host_ms[1]:.1f} ms")
     if dev.type == "cuda":
         line += ", TF32 matmul/cudnn on, cudnn.benchmark on"
