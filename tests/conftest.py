@@ -7,6 +7,7 @@ kernels run through Triton's interpreter: TRITON_INTERPRET must be set before tr
 imported, so it is set here, at collection time, before any test module imports `kernels`.
 """
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -112,3 +113,13 @@ def _assert_models_agree(model_a, model_b, run, atol=1e-4):
     assert ga.keys() == gb.keys() and len(ga) > 0
     for name in ga:
         torch.testing.assert_close(gb[name], ga[name], atol=atol, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.fixture(autouse=True)
+def restore_signal_handlers():
+    """Scripts run in-process install data.SavePoints' SIGTERM/SIGUSR1 handlers: every test
+    leaves the handlers as it found them."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)

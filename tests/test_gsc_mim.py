@@ -328,15 +328,6 @@ def test_loss_falls_when_overfitting_one_batch():
 
 
 # ---------------------------------------------------------------- script runs ---------------------
-@pytest.fixture(autouse=True)
-def restore_signal_handlers():
-    """Training installs SavePoints' SIGTERM/SIGUSR1 handlers in this process: put pytest's back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
-
-
 def read_log(out):
     return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
 

@@ -81,7 +81,6 @@ def test_save_points_signal_stops_and_clock_saves():
     assert points.check(2) == (True, True)
     clock = data.SavePoints(every_min=1e-9, device="cpu")
     assert clock.check(1) == (True, False)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL), signal.signal(signal.SIGUSR1, signal.SIG_DFL)
 
 
 def test_curves_png_has_a_fixed_size_and_time_to_accuracy(tmp_path):

@@ -150,15 +150,6 @@ def run_main(capsys, *argv):
     return capsys.readouterr().out
 
 
-@pytest.fixture(autouse=True)
-def restore_signal_handlers():
-    """SavePoints installs SIGTERM/SIGUSR1 handlers in this process; later tests get the defaults back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
-
-
 @pytest.fixture(scope="module")
 def tools(tmp_path_factory):
     """A 2-block model trained for one epoch (3 steps) with --seed 3 into a non-default --out, with the
